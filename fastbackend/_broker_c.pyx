@@ -1,0 +1,357 @@
+# The broker's hot path, compiled: the fast twin of ``_broker_py`` (read that first:
+# it is the readable truth, and this module must behave exactly like it).
+#
+# What is different here is how the bytes move.  ``drain`` receives with libzmq's
+# zmq_msg_recv straight from the ROUTER sockets (see _libzmq.pxi for how we reach the
+# very libzmq pyzmq uses), scans the frame in place with the wire module's C
+# functions, and writes spliced frames straight into libzmq message buffers that
+# zmq_msg_send then owns.  Per message there is no pyzmq call, no asyncio object and
+# no decoded message; the Python objects made per job are the ones the state needs
+# (the job's key and its client frame, kept until the job is dispatched) plus the
+# identity bytes used as dictionary keys.
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.string cimport memcpy
+
+from fastbackend._sched_c cimport JOB_RUNNING, JOB_WAITING, Scheduler
+from fastbackend._wire_c cimport (
+    Scan,
+    agent_to_client_size,
+    job_key_c,
+    job_started_size,
+    new_job_size,
+    scan_agent_c,
+    scan_client_c,
+    write_agent_to_client,
+    write_job_started,
+    write_new_job,
+)
+
+import time
+
+import zmq as pyzmq
+
+from fastbackend import protocol
+from fastbackend._wire_c import job_key as wire_job_key
+from fastbackend.protocol import WireError
+
+include "_libzmq.pxi"
+
+cdef extern from *:
+    """
+    #ifndef FB_DEBUG
+    #define FB_DEBUG 0
+    #endif
+    """
+    const int FB_DEBUG
+
+cdef enum:
+    CLIENT_HELLO = 1
+    CLIENT_NEW_JOB = 2
+    CLIENT_KILL_JOB = 3
+    CLIENT_GET_QUEUE = 4
+    PING = 5
+    PONG = 6
+    AGENT_HELLO = 7
+    AGENT_JOB_STARTED = 8
+    AGENT_JOB_DONE = 9
+    AGENT_JOB_SSH_DEBUG = 10
+
+# The codes above must be the protocol's; checked once at import rather than trusted.
+assert (CLIENT_HELLO, CLIENT_NEW_JOB, CLIENT_KILL_JOB, CLIENT_GET_QUEUE, PING, PONG, AGENT_HELLO,
+        AGENT_JOB_STARTED, AGENT_JOB_DONE, AGENT_JOB_SSH_DEBUG) == (
+    protocol.CLIENT_HELLO, protocol.CLIENT_NEW_JOB, protocol.CLIENT_KILL_JOB, protocol.CLIENT_GET_QUEUE,
+    protocol.PING, protocol.PONG, protocol.AGENT_HELLO, protocol.AGENT_JOB_STARTED,
+    protocol.AGENT_JOB_DONE, protocol.AGENT_JOB_SSH_DEBUG)
+
+cdef bytes PONG_FRAME = protocol.PONG_FRAME
+cdef bytes UNKNOWN_FRAME = protocol.UNKNOWN_FRAME
+KILLED = ("killed", "You killed the job", "")
+
+
+cdef class BrokerCore:
+    """Per-job routing between clients and agents; the compiled twin of ``_broker_py.BrokerCore``."""
+
+    IMPL = "c"
+
+    cdef public object agent_socket
+    cdef public object client_socket
+    cdef void* agent_handle
+    cdef void* client_handle
+    cdef public Scheduler sched
+    cdef public set clients
+    cdef public dict agents
+    cdef public list agent_ident
+    cdef public list agent_missed
+    cdef public dict jobs
+    cdef public list job_key
+    cdef public list job_frame
+    cdef public list job_started
+    cdef dict env_ids            # environment name as bytes -> interned id (saves a decode per job)
+    cdef public Py_ssize_t jobs_submitted
+    cdef public Py_ssize_t jobs_done
+    cdef public Py_ssize_t frames_dropped
+
+    def __init__(self, agent_socket, client_socket):
+        self.agent_socket = agent_socket
+        self.client_socket = client_socket
+        # The sockets stay owned by pyzmq (and alive through the references above);
+        # we only borrow their libzmq handles.
+        self.agent_handle = <void*><size_t>agent_socket.underlying
+        self.client_handle = <void*><size_t>client_socket.underlying
+        self.sched = Scheduler()
+        self.clients = set()
+        self.agents = {}
+        self.agent_ident = []
+        self.agent_missed = []
+        self.jobs = {}
+        self.job_key = []
+        self.job_frame = []
+        self.job_started = []
+        self.env_ids = {}
+        self.jobs_submitted = 0
+        self.jobs_done = 0
+        self.frames_dropped = 0
+
+    # -- sending ------------------------------------------------------------------
+
+    cdef int _send_msg(self, void* handle, const char* ident, Py_ssize_t ident_len,
+                       fb_zmq_msg_t* body, str side) except -1:
+        """Send [ident, body]; libzmq takes ``body`` on success, we close it otherwise."""
+        cdef int err
+        if lz.send(handle, ident, ident_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0:
+            err = lz.last_errno()
+            lz.msg_close(body)
+            if err == EHOSTUNREACH:
+                self.unreachable(side, PyBytes_FromStringAndSize(ident, ident_len))
+                return 0
+            raise pyzmq.ZMQError(err)
+        if lz.msg_send(body, handle, ZMQ_DONTWAIT) < 0:
+            # Cannot happen after the identity frame went through (no high-water mark),
+            # but never leave a half-sent message unexplained.
+            err = lz.last_errno()
+            lz.msg_close(body)
+            raise pyzmq.ZMQError(err)
+        return 0
+
+    cdef int _send_bytes(self, void* handle, const char* ident, Py_ssize_t ident_len,
+                         bytes frame, str side) except -1:
+        cdef fb_zmq_msg_t body
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
+        if lz.msg_init_size(&body, size) != 0:
+            raise MemoryError()
+        memcpy(lz.msg_data(&body), PyBytes_AS_STRING(frame), size)
+        return self._send_msg(handle, ident, ident_len, &body, side)
+
+    def send_client(self, bytes ident, bytes frame):
+        """Send one frame to a client (see ``_broker_py.BrokerCore.send_client``)."""
+        self._send_bytes(self.client_handle, PyBytes_AS_STRING(ident), PyBytes_GET_SIZE(ident), frame, "client")
+
+    def send_agent(self, bytes ident, bytes frame):
+        """Send one frame to an agent."""
+        self._send_bytes(self.agent_handle, PyBytes_AS_STRING(ident), PyBytes_GET_SIZE(ident), frame, "agent")
+
+    # -- draining -----------------------------------------------------------------
+
+    def drain(self, int budget):
+        """Handle up to ``budget`` messages from each socket; True if more may wait."""
+        self._drain(self.agent_handle, budget, True)
+        self._drain(self.client_handle, budget, False)
+        return _has_input(self.agent_handle) or _has_input(self.client_handle)
+
+    cdef int _drain(self, void* handle, int budget, bint from_agents) except -1:
+        cdef fb_zmq_msg_t ident, body, extra
+        cdef int frames, err
+        cdef bint more
+        cdef str side = "agent" if from_agents else "client"
+        while budget > 0:
+            budget -= 1
+            lz.msg_init(&ident)
+            if lz.msg_recv(&ident, handle, ZMQ_DONTWAIT) < 0:
+                err = lz.last_errno()
+                lz.msg_close(&ident)
+                if err == EAGAIN:
+                    return 0
+                raise pyzmq.ZMQError(err)
+            # A ROUTER hands over whole messages: the rest is already here.
+            lz.msg_init(&body)
+            frames = 0
+            if lz.msg_more(&ident) and lz.msg_recv(&body, handle, ZMQ_DONTWAIT) >= 0:
+                frames = 1
+                more = lz.msg_more(&body)
+                while more:  # frames a real peer never sends: counted, then dropped
+                    lz.msg_init(&extra)
+                    if lz.msg_recv(&extra, handle, ZMQ_DONTWAIT) < 0:
+                        lz.msg_close(&extra)
+                        break
+                    frames += 1
+                    more = lz.msg_more(&extra)
+                    lz.msg_close(&extra)
+            try:
+                if frames != 1:
+                    self.dropped(side, self._ident(&ident),
+                                 f"{frames} frames in one message, expected 1")
+                elif from_agents:
+                    self._on_agent(<const char*>lz.msg_data(&ident), lz.msg_size(&ident), &body)
+                else:
+                    self._on_client(<const char*>lz.msg_data(&ident), lz.msg_size(&ident), &body)
+            except Exception:  # a bug must cost one message, never the broker
+                self.internal_error(side, self._ident(&ident))
+            finally:
+                lz.msg_close(&body)
+                lz.msg_close(&ident)
+        return 0
+
+    cdef bytes _ident(self, fb_zmq_msg_t* ident):
+        return PyBytes_FromStringAndSize(<const char*>lz.msg_data(ident), lz.msg_size(ident))
+
+    # -- clients ------------------------------------------------------------------
+
+    cdef int _on_client(self, const char* ident_ptr, Py_ssize_t ident_len, fb_zmq_msg_t* body) except -1:
+        cdef Scan scan
+        cdef const char* data = <const char*>lz.msg_data(body)
+        cdef Py_ssize_t size = lz.msg_size(body)
+        cdef bytes ident = PyBytes_FromStringAndSize(ident_ptr, ident_len)
+        try:
+            scan_client_c(data, size, &scan)
+        except WireError as exc:
+            self.dropped("client", ident, str(exc))
+            return 0
+        if scan.type == CLIENT_HELLO:
+            self.client_hello(ident, PyBytes_FromStringAndSize(data, size))
+            return 0
+        if ident not in self.clients:
+            self._send_bytes(self.client_handle, ident_ptr, ident_len, UNKNOWN_FRAME, "client")
+            return 0
+        if scan.type == CLIENT_NEW_JOB:
+            self._new_job(ident, &scan, data, size)
+        elif scan.type == PING:
+            self._send_bytes(self.client_handle, ident_ptr, ident_len, PONG_FRAME, "client")
+        elif scan.type == CLIENT_KILL_JOB:
+            self.kill_job(ident, PyUnicode_DecodeUTF8(scan.job_id, scan.job_id_len, NULL))
+        elif scan.type == CLIENT_GET_QUEUE:
+            self.client_get_queue(ident)
+        return 0
+
+    cdef int _new_job(self, bytes ident, Scan* scan, const char* data, Py_ssize_t size) except -1:
+        cdef int job, agent = -1
+        cdef bytes key = job_key_c(PyBytes_AS_STRING(ident), PyBytes_GET_SIZE(ident), scan.job_id, scan.job_id_len)
+        if key in self.jobs:
+            self.dropped("client", ident,
+                         f"duplicate job id {PyUnicode_DecodeUTF8(scan.job_id, scan.job_id_len, NULL)!r}")
+            return 0
+        env_name = PyBytes_FromStringAndSize(scan.env, scan.env_len)
+        env = self.env_ids.get(env_name)
+        if env is None:
+            env = self.env_ids[env_name] = self.sched.env_id(env_name.decode())
+        job = self.sched.c_submit(env, &agent)
+        if job >= len(self.job_key):
+            grow = job + 1 - len(self.job_key)
+            self.job_key.extend([None] * grow)
+            self.job_frame.extend([None] * grow)
+            self.job_started.extend([0.0] * grow)
+        self.jobs[key] = job
+        self.job_key[job] = key
+        self.job_frame[job] = PyBytes_FromStringAndSize(data, size)
+        self.jobs_submitted += 1
+        if agent >= 0:
+            self._dispatch(job, agent)
+        return 0
+
+    def dispatch(self, int job, int agent):
+        """Send a job the scheduler has just started on ``agent``."""
+        self._dispatch(job, agent)
+
+    cdef int _dispatch(self, int job, int agent) except -1:
+        cdef Scan scan
+        cdef fb_zmq_msg_t out
+        cdef bytes frame = self.job_frame[job]
+        cdef bytes key = self.job_key[job]
+        cdef bytes agent_ident = self.agent_ident[agent]
+        cdef const char* k = PyBytes_AS_STRING(key)
+        cdef Py_ssize_t ident_len = <unsigned char>k[0]
+        cdef Py_ssize_t size
+        # The frame was validated on arrival; scanning it again is cheaper than
+        # keeping every waiting job's field offsets.
+        scan_client_c(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame), &scan)
+        size = new_job_size(&scan, ident_len)
+        if lz.msg_init_size(&out, size) != 0:
+            raise MemoryError()
+        written = write_new_job(<char*>lz.msg_data(&out), PyBytes_AS_STRING(frame), &scan, k + 1, ident_len)
+        if FB_DEBUG and written != size:
+            lz.msg_close(&out)
+            raise AssertionError(f"backend_new_job spliced to {written} bytes, {size} announced")
+        self.job_started[job] = time.time()
+        self._send_msg(self.agent_handle, PyBytes_AS_STRING(agent_ident), PyBytes_GET_SIZE(agent_ident),
+                       &out, "agent")
+        return 0
+
+    def kill_job(self, bytes ident, str job_id):
+        """Kill a job: a waiting one ends at once, a running one is killed by its agent."""
+        job = self.jobs.get(wire_job_key(ident, job_id), -1)
+        if job < 0:
+            self.dropped("client", ident, f"kill of unknown job {job_id!r}")
+            return
+        if self.sched.c_job_state(job) == JOB_WAITING:
+            self.sched.c_cancel(job)
+            self.forget_job(job)
+            self.send_client(ident, protocol.job_done_frame(job_id, *KILLED))
+        else:
+            agent = self.sched.c_job_agent(job)
+            self.send_agent(self.agent_ident[agent], protocol.kill_job_frame(ident, job_id))
+
+    def forget_job(self, int job):
+        """Drop a job's key and frame: from now on, messages about it are dropped."""
+        del self.jobs[self.job_key[job]]
+        self.job_key[job] = None
+        self.job_frame[job] = None
+
+    # -- agents -------------------------------------------------------------------
+
+    cdef int _on_agent(self, const char* ident_ptr, Py_ssize_t ident_len, fb_zmq_msg_t* body) except -1:
+        cdef Scan scan
+        cdef fb_zmq_msg_t out
+        cdef const char* data = <const char*>lz.msg_data(body)
+        cdef Py_ssize_t size = lz.msg_size(body), out_size
+        cdef bytes ident = PyBytes_FromStringAndSize(ident_ptr, ident_len)
+        cdef int agent, job, following
+        try:
+            scan_agent_c(data, size, &scan)
+        except WireError as exc:
+            self.dropped("agent", ident, str(exc))
+            return 0
+        if scan.type == AGENT_HELLO:
+            self.agent_hello(ident, PyBytes_FromStringAndSize(data, size))
+            return 0
+        agent = self.agents.get(ident, -1)
+        if agent < 0:
+            self.dropped("agent", ident, "message from an agent that did not say hello")
+            return 0
+        if scan.type == PONG:
+            self.agent_missed[agent] = 0
+            return 0
+        job = self.jobs.get(job_key_c(scan.ident, scan.ident_len, scan.job_id, scan.job_id_len), -1)
+        if job < 0 or self.sched.c_job_state(job) != JOB_RUNNING or self.sched.c_job_agent(job) != agent:
+            self.dropped("agent", ident, "message about job %r, which is not running there"
+                         % PyUnicode_DecodeUTF8(scan.job_id, scan.job_id_len, "replace"))
+            return 0
+        if scan.type == AGENT_JOB_DONE or scan.type == AGENT_JOB_SSH_DEBUG:
+            out_size = agent_to_client_size(&scan)
+            if lz.msg_init_size(&out, out_size) != 0:
+                raise MemoryError()
+            write_agent_to_client(<char*>lz.msg_data(&out), data, &scan)
+        else:
+            out_size = job_started_size(scan.job_id_len)
+            if lz.msg_init_size(&out, out_size) != 0:
+                raise MemoryError()
+            write_job_started(<char*>lz.msg_data(&out), scan.job_id, scan.job_id_len)
+        self._send_msg(self.client_handle, scan.ident, scan.ident_len, &out, "client")
+        if scan.type == AGENT_JOB_DONE:
+            self.forget_job(job)
+            self.jobs_done += 1
+            following = self.sched.c_finish(job)
+            if following >= 0:
+                self._dispatch(following, agent)
+        return 0
+
