@@ -1,0 +1,135 @@
+"""Scan incoming frames and splice outgoing ones, without decoding whole messages.
+
+This module picks the implementation: the compiled ``_wire_c`` unless
+``FASTBACKEND_NO_EXTENSIONS=1`` is set, in which case the pure-Python twin ``_wire_py``
+(the readable statement of the algorithm).  If the compiled module was expected but
+fails to import, a warning is logged and ``IMPL`` says ``"py"``; the test suite fails
+in that case, so a broken build never runs slowly unnoticed.
+
+Wire schema
+===========
+
+A frame is exactly one msgpack object (nothing after it, at most
+``protocol.MAX_FRAME_SIZE`` bytes): a map whose keys are all str, none repeated, and
+whose key set is exactly ``"type"`` plus the declared fields of the message that
+``type`` names (``protocol.CLIENT_MESSAGES`` / ``protocol.AGENT_MESSAGES``).
+
+msgpack formats read (big-endian lengths; any size class is accepted, the scanner
+never assumes the shortest encoding was chosen)::
+
+    lead byte   format         followed by
+    00-7f       positive fixint  -
+    80-8f       fixmap         (lead & 0x0f) key/value pairs
+    90-9f       fixarray       (lead & 0x0f) values
+    a0-bf       fixstr         (lead & 0x1f) bytes of UTF-8
+    c0          nil            -
+    c1          (never used)   -> WireError
+    c2, c3      false, true    -
+    c4, c5, c6  bin8/16/32     1/2/4-byte length, then the bytes
+    c7, c8, c9  ext8/16/32     1/2/4-byte length, 1 type byte, then the data
+    ca, cb      float32/64     4/8 bytes
+    cc-cf       uint8/16/32/64 1/2/4/8 bytes
+    d0-d3       int8/16/32/64  1/2/4/8 bytes, two's complement
+    d4-d8       fixext1..16    1 type byte, then 1/2/4/8/16 bytes
+    d9, da, db  str8/16/32     1/2/4-byte length, then the bytes
+    dc, dd      array16/32     2/4-byte count, then the values
+    de, df      map16/32       2/4-byte count, then the pairs
+    e0-ff       negative fixint -
+
+Messages (field: kind).  Kinds: ``str`` = str of valid UTF-8; ``int`` = any integer
+format; ``any`` = pass-through, checked for well-formedness only (nested containers at
+most ``MAX_DEPTH`` deep, the message's map counting as one) and copied byte for byte::
+
+    client -> backend
+      client_hello      name: str
+      client_new_job    job_id: str, course_id: str, task_id: str, inputdata: any,
+                        environment: str, enable_network: any, time_limit: int,
+                        hard_time_limit: int, mem_limit: int, debug: any, launcher: str
+      client_kill_job   job_id: str
+      client_get_queue  (no field)
+      ping              (no field)
+
+    agent -> backend
+      agent_hello          friendly_name: str, available_job_slots: int >= 0,
+                           available_containers: map (contents any)
+      agent_job_started    job_id: [bin client_identity (1..255 bytes), str job id]
+      agent_job_done       job_id: as above, result, grade, problems, tests, custom,
+                           archive, stdout, stderr: any
+      agent_job_ssh_debug  job_id: as above, host, port, password: any
+      pong                 (no field)
+
+    backend -> agent / client, spliced from the frames above
+      backend_new_job       the client_new_job entries with type replaced, job_id
+                            replaced by [bin client_identity, the client's job_id value
+                            as it was encoded], launcher removed
+      backend_job_done      the agent_job_done entries with type replaced and job_id
+                            replaced by the str client job id
+      backend_job_ssh_debug the same rule, from agent_job_ssh_debug
+      backend_job_started   {type, job_id: str}, encoded here
+
+Spliced frames keep the entries in the incoming order; only the top-level map header
+and the replaced values are written anew (in the shortest form).
+
+API (identical in both implementations): ``scan_client``, ``queue_fields``,
+``splice_new_job``, ``scan_agent``, ``splice_job_done``, ``splice_ssh_debug``,
+``job_started``, ``job_key``; see their docstrings.  The compiled module also offers a
+C-level API for the broker (``_wire_c.pxd``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from fastbackend.protocol import WireError
+
+__all__ = [
+    "IMPL", "WireError", "scan_client", "queue_fields", "splice_new_job", "scan_agent",
+    "splice_job_done", "splice_ssh_debug", "job_started", "job_key",
+]
+
+IMPL: str
+if os.environ.get("FASTBACKEND_NO_EXTENSIONS", "") not in ("", "0"):
+    from fastbackend._wire_py import (
+        job_key,
+        job_started,
+        queue_fields,
+        scan_agent,
+        scan_client,
+        splice_job_done,
+        splice_new_job,
+        splice_ssh_debug,
+    )
+
+    IMPL = "py"
+else:
+    try:
+        from fastbackend._wire_c import (
+            job_key,
+            job_started,
+            queue_fields,
+            scan_agent,
+            scan_client,
+            splice_job_done,
+            splice_new_job,
+            splice_ssh_debug,
+        )
+
+        IMPL = "c"
+    except ImportError as exc:
+        logging.getLogger(__name__).warning(
+            "fastbackend._wire_c failed to import (%s): using the much slower pure-Python wire "
+            "module; build the extensions or set FASTBACKEND_NO_EXTENSIONS=1 to choose it", exc,
+        )
+        from fastbackend._wire_py import (  # type: ignore[assignment]
+            job_key,
+            job_started,
+            queue_fields,
+            scan_agent,
+            scan_client,
+            splice_job_done,
+            splice_new_job,
+            splice_ssh_debug,
+        )
+
+        IMPL = "py"
