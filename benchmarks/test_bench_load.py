@@ -1,0 +1,304 @@
+"""End-to-end load scenarios: a broker subprocess on 127.0.0.1 driven by generator processes.
+
+Each test starts one broker (``broker_kind``: stock, fastbackend, fastbackend-py, ceiling),
+attaches agents, clients and a heartbeat client from ``loadgen.py``, runs one measured
+operation inside ``benchmark.pedantic`` (one round: these are load tests, not
+micro-benchmarks), and records its figures both in ``benchmark.extra_info`` (so
+``--benchmark-json`` carries them) and in the session summary table.
+
+The broker CPU per job is the figure to trust on a shared machine; rates and latencies
+are wall-clock and share the two cores with the generator.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import SCALE, SMOKE, broker_kinds, scaled
+from harness import LoadSession
+from loadgen import BLOCKED_ENVIRONMENT
+
+ENVIRONMENTS = ["bench-env-a", "bench-env-b", "bench-env-c", "bench-env-d"]
+AGENTS, SLOTS, CLIENT_SOCKETS, WINDOW = 4, 8, 4, 64
+INPUT_SIZE = 1024
+KIB, MIB = 1024, 1024 * 1024
+
+
+def is_fastbackend(kind: str) -> bool:
+    return kind.startswith("fastbackend")
+
+
+class Scenario:
+    """Records one test's figures in the benchmark's extra_info and the session summary."""
+
+    def __init__(self, benchmark, registry, name: str, kind: str) -> None:
+        self.benchmark, self.registry, self.name, self.kind = benchmark, registry, name, kind
+        benchmark.extra_info["broker"] = kind
+
+    def figure(self, name: str, unit: str, value, higher_is_better: bool = False) -> None:
+        key = f"{name} ({unit})" if unit else name
+        self.benchmark.extra_info[key] = value
+        self.registry.record(self.name, name, unit, self.kind, value, higher_is_better)
+
+    def extra(self, key: str, value) -> None:
+        self.benchmark.extra_info[key] = value
+
+    def heartbeat(self, hb: dict, agents: dict | None) -> None:
+        """Client ping->pong round trips during the scenario, and agents the broker let go.
+
+        An agent counts as dropped when it heard no ping for more than 6 s: the broker
+        then considers it dead, and a real agent restarts itself after 10 s.  The ceiling
+        pings nobody, so it has no figure there.
+        """
+        self.figure("heartbeat p50", "ms", hb["p50_ms"])
+        self.figure("heartbeat p99", "ms", hb["p99_ms"])
+        self.figure("heartbeat max", "ms", hb["max_ms"])
+        if agents is not None and self.kind != "ceiling":
+            self.figure("agents dropped", "", agents["agents_silent_6s"])
+            self.extra("max ping gap seen by an agent (s)", agents["max_ping_gap_s"])
+
+
+def run_measured(benchmark, session: LoadSession, peer, op: dict, timeout: float) -> tuple[dict, float]:
+    """Run ``op`` as the benchmark's single timed round; returns the answer and broker CPU s."""
+    out: dict = {}
+
+    def measured() -> None:
+        out["answer"], out["cpu"] = session.measured(peer, op, timeout)
+
+    benchmark.pedantic(measured, rounds=1, iterations=1)
+    return out["answer"], out["cpu"]
+
+
+def per_job_us(cpu: float, jobs: int) -> float | None:
+    return cpu / jobs * 1e6 if jobs else None
+
+
+# --------------------------------------------------------------------------------------
+# Throughput
+# --------------------------------------------------------------------------------------
+
+def test_load_throughput(benchmark, broker_factory, registry, broker_kind):
+    """Zero-time jobs as fast as the broker takes them.
+
+    4 agents x 8 slots, 4 environments (every agent offers all), 4 client sockets each
+    keeping 64 jobs unfinished, 1 KiB of input per job, for ``duration`` seconds.
+    """
+    duration = scaled(3.0, 0.5)
+    sc = Scenario(benchmark, registry, "throughput", broker_kind)
+    with LoadSession(broker_factory, broker_kind) as s:
+        agents = s.agents(AGENTS, SLOTS, ENVIRONMENTS)
+        clients = s.clients(CLIENT_SOCKETS)
+        hb = s.heartbeat()
+        s.settle(0.5)
+        hb.ask("stats", 10)
+        agents.ask("stats", 10)
+        op = {"op": "jobs", "jobs": int(60_000 * duration), "environments": ENVIRONMENTS,
+              "window": WINDOW, "input_size": INPUT_SIZE, "duration": duration,
+              "timeout": duration + 60, "idle_timeout": 15}
+        answer, cpu = run_measured(benchmark, s, clients, op, duration + 90)
+        sc.figure("jobs/s", "", answer["jobs_per_s"], higher_is_better=True)
+        sc.figure("broker CPU per job", "us", per_job_us(cpu, answer["done"]))
+        sc.extra("jobs done", answer["done"])
+        sc.extra("broker CPU (s)", cpu)
+        sc.extra("closed-loop latency", answer["latency"])
+        sc.heartbeat(hb.ask("stats", 10), agents.ask("stats", 10))
+    assert answer["done"] > 0
+    if broker_kind != "stock":
+        assert answer["unfinished"] == 0 and answer["crashed"] == 0, answer
+
+
+# --------------------------------------------------------------------------------------
+# Latency at fixed offered rates
+# --------------------------------------------------------------------------------------
+
+RATES = [200] if SMOKE else [500, 2000, 8000]
+
+
+@pytest.mark.parametrize("rate", RATES, ids=[f"{r}_per_s" for r in RATES])
+def test_load_latency(benchmark, broker_factory, registry, broker_kind, rate):
+    """Open loop at ``rate`` jobs/s: submit-to-result p50/p99/max.
+
+    Latency counts from the time each job was *due*, so a generator that falls behind
+    does not hide queueing in the broker.  A broker that cannot keep up shows it in
+    "unfinished" (jobs still without a result 10 s after the last submission).
+    """
+    duration = scaled(2.0, 0.5)
+    sc = Scenario(benchmark, registry, f"latency @ {rate}/s", broker_kind)
+    with LoadSession(broker_factory, broker_kind) as s:
+        agents = s.agents(AGENTS, SLOTS, ENVIRONMENTS)
+        clients = s.clients(CLIENT_SOCKETS)
+        hb = s.heartbeat()
+        s.settle(0.5)
+        hb.ask("stats", 10)
+        agents.ask("stats", 10)
+        jobs = max(1, int(rate * duration))
+        op = {"op": "jobs", "jobs": jobs, "rate": rate, "environments": ENVIRONMENTS,
+              "input_size": INPUT_SIZE, "timeout": duration + 10, "idle_timeout": 5}
+        answer, cpu = run_measured(benchmark, s, clients, op, duration + 40)
+        lat = answer["latency"]
+        sc.figure("p50", "ms", lat["p50_ms"])
+        sc.figure("p99", "ms", lat["p99_ms"])
+        sc.figure("max", "ms", lat["max_ms"])
+        sc.figure("unfinished", "jobs", answer["unfinished"])
+        sc.extra("broker CPU per job (us)", per_job_us(cpu, answer["done"]))
+        sc.extra("jobs", jobs)
+        sc.heartbeat(hb.ask("stats", 10), agents.ask("stats", 10))
+    assert answer["done"] > 0
+
+
+# --------------------------------------------------------------------------------------
+# Blocked queue
+# --------------------------------------------------------------------------------------
+
+BLOCKED = [0, 2_000] if SMOKE else [0, 10_000, 100_000] + ([1_000_000] if SCALE >= 5 else [])
+# The stock backend rescans its whole queue for every free slot: past a few thousand
+# blocked jobs it finishes (almost) nothing, so by default it is not made to ingest more.
+STOCK_MAX_BLOCKED = int(os.environ.get("FASTBACKEND_BENCH_STOCK_MAX_BLOCKED", "10000"))
+
+
+def blocked_cases() -> list:
+    cases = []
+    for kind in broker_kinds():
+        if kind == "ceiling":
+            continue
+        for k in BLOCKED:
+            if kind == "stock" and k > STOCK_MAX_BLOCKED:
+                continue
+            cases.append(pytest.param(kind, k, id=f"{kind}-{k}_blocked"))
+    return cases
+
+
+@pytest.mark.parametrize(("broker_kind_b", "blocked"), blocked_cases())
+def test_load_blocked_queue(benchmark, broker_factory, registry, broker_kind_b, blocked):
+    """K jobs wait for an environment no agent offers; then runnable jobs go through.
+
+    The K jobs are queued before any agent connects (a ping after them is answered
+    after the broker has read them all); then 4 x 8 agents arrive and ``runnable`` jobs
+    for their environments run, 4 sockets x 64 unfinished.  Their throughput is compared
+    with K = 0.
+    """
+    kind = broker_kind_b
+    runnable = int(scaled(5000, 300))
+    sc = Scenario(benchmark, registry, f"blocked queue K={blocked:,}", kind)
+    with LoadSession(broker_factory, kind) as s:
+        clients = s.clients(CLIENT_SOCKETS)
+        hb = s.heartbeat()
+        s.settle(0.3)
+        hb.ask("stats", 10)
+        if blocked:
+            cpu0 = s.broker.cpu()
+            flood = clients.ask({"op": "flood", "jobs": blocked, "environment": BLOCKED_ENVIRONMENT,
+                                 "input_size": INPUT_SIZE, "timeout": 900}, 960)
+            assert flood["ponged"], flood
+            sc.extra("queueing: broker CPU per job (us)", per_job_us(s.broker.cpu() - cpu0, blocked))
+            sc.extra("queueing: wall seconds", flood["ingest_s"])
+        agents = s.agents(AGENTS, SLOTS, ENVIRONMENTS)
+        s.settle(1.0)
+        agents.ask("stats", 10)
+        timeout = scaled(30, 20)
+        op = {"op": "jobs", "jobs": runnable, "environments": ENVIRONMENTS, "window": WINDOW,
+              "input_size": INPUT_SIZE, "timeout": timeout, "idle_timeout": timeout}
+        answer, cpu = run_measured(benchmark, s, clients, op, timeout + 60)
+        rate = answer["jobs_per_s"]
+        sc.figure("runnable jobs/s", "", rate, higher_is_better=True)
+        sc.figure("broker CPU per runnable job", "us", per_job_us(cpu, answer["done"]))
+        base = registry.rows.get(("blocked queue K=0", "runnable jobs/s"))
+        if blocked and base and isinstance(base.values.get(kind), float) and base.values[kind] > 0:
+            sc.figure("vs K=0", "%", 100.0 * rate / base.values[kind], higher_is_better=True)
+        sc.figure("unfinished runnable", "jobs", answer["unfinished"])
+        sc.heartbeat(hb.ask("stats", 10), agents.ask("stats", 10))
+    if is_fastbackend(kind):
+        assert answer["unfinished"] == 0, answer
+
+
+# --------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------
+
+QUEUED = int(scaled(1_000_000, 20_000))
+STOCK_MAX_QUEUED = int(os.environ.get("FASTBACKEND_BENCH_STOCK_MAX_QUEUED", "100000"))
+
+
+@pytest.mark.queueing
+def test_load_memory(benchmark, broker_factory, registry, broker_kind):
+    """Broker RSS per queued job, with ``QUEUED`` (1M by default) jobs waiting, 1 KiB input each.
+
+    The stock backend ingests slowly, so it queues at most STOCK_MAX_QUEUED jobs and its
+    per-job figure is taken there (its memory grows linearly with the queue).
+    """
+    queued = min(QUEUED, STOCK_MAX_QUEUED) if broker_kind == "stock" else QUEUED
+    sc = Scenario(benchmark, registry, f"memory, {QUEUED:,} queued", broker_kind)
+    with LoadSession(broker_factory, broker_kind) as s:
+        clients = s.clients(1)
+        s.settle(0.3)
+        rss0 = s.broker.rss()
+        op = {"op": "flood", "jobs": queued, "environment": BLOCKED_ENVIRONMENT,
+              "input_size": INPUT_SIZE, "timeout": 900}
+        answer, cpu = run_measured(benchmark, s, clients, op, 960)
+        assert answer["ponged"], answer
+        rss = s.broker.rss()
+        sc.figure("RSS per queued job", "bytes", (rss - rss0) / queued)
+        sc.figure("RSS", "MiB", rss / MIB)
+        sc.figure("queueing CPU per job", "us", per_job_us(cpu, queued))
+        sc.extra("queued", queued)
+        if queued != QUEUED:
+            sc.extra("note", f"stock queued {queued:,} (FASTBACKEND_BENCH_STOCK_MAX_QUEUED)")
+
+
+# --------------------------------------------------------------------------------------
+# Payload
+# --------------------------------------------------------------------------------------
+
+def test_load_payload(benchmark, broker_factory, registry, broker_kind):
+    """Results carrying a 1 MiB archive and 64 KiB of stdout: MiB/s and CPU per job."""
+    jobs = int(scaled(400, 20))
+    sc = Scenario(benchmark, registry, "payload 1 MiB + 64 KiB", broker_kind)
+    with LoadSession(broker_factory, broker_kind) as s:
+        agents = s.agents(2, 4, ENVIRONMENTS, archive_size=MIB, stdout_size=64 * KIB)
+        clients = s.clients(2)
+        hb = s.heartbeat()
+        s.settle(0.5)
+        hb.ask("stats", 10)
+        agents.ask("stats", 10)
+        op = {"op": "jobs", "jobs": jobs, "environments": ENVIRONMENTS, "window": 4,
+              "input_size": INPUT_SIZE, "timeout": 120, "idle_timeout": 20}
+        answer, cpu = run_measured(benchmark, s, clients, op, 180)
+        mib_s = answer["received_bytes"] / MIB / answer["elapsed_s"] if answer["elapsed_s"] else 0.0
+        sc.figure("results", "MiB/s", mib_s, higher_is_better=True)
+        sc.figure("broker CPU per job", "us", per_job_us(cpu, answer["done"]))
+        sc.extra("jobs/s", answer["jobs_per_s"])
+        sc.heartbeat(hb.ask("stats", 10), agents.ask("stats", 10))
+    if broker_kind != "stock":
+        assert answer["unfinished"] == 0, answer
+
+
+# --------------------------------------------------------------------------------------
+# Slow consumer
+# --------------------------------------------------------------------------------------
+
+def test_load_slow_consumer(benchmark, broker_factory, registry, broker_kind):
+    """A client submits ``jobs`` jobs, then reads nothing for ``pause`` seconds.
+
+    Results (16 KiB of stdout each) pile up past every high-water mark between broker
+    and client; afterwards the client reads until no result came for 5 s.  A ROUTER
+    drops what it cannot queue, so "lost results" counts what a broker without
+    back-pressure lets fall on the floor.  It must be 0.
+    """
+    jobs = int(scaled(5000, 3000))
+    pause = scaled(2.0, 1.0)
+    sc = Scenario(benchmark, registry, "slow consumer", broker_kind)
+    with LoadSession(broker_factory, broker_kind) as s:
+        agents = s.agents(2, 8, ENVIRONMENTS, stdout_size=16 * KIB)
+        clients = s.clients(1)
+        hb = s.heartbeat()
+        s.settle(0.5)
+        hb.ask("stats", 10)
+        agents.ask("stats", 10)
+        op = {"op": "jobs", "jobs": jobs, "pause": pause, "environments": ENVIRONMENTS,
+              "input_size": INPUT_SIZE, "timeout": pause + 120, "idle_timeout": 5}
+        answer, cpu = run_measured(benchmark, s, clients, op, pause + 180)
+        sc.figure("lost results", "", answer["unfinished"])
+        sc.extra("results received", answer["done"])
+        sc.extra("broker CPU per job (us)", per_job_us(cpu, answer["done"]))
+        sc.heartbeat(hb.ask("stats", 10), agents.ask("stats", 10))
