@@ -277,6 +277,7 @@ def test_silent_agent_jobs_crash_after_missed_pongs(broker):
             assert all((r.grade, r.archive) == (0.0, None) for r in results)
             assert 4.5 <= elapsed <= 9.5, elapsed
             peers.agent("healthy", 1, ["default"], finish())
+            await wait_containers(client, "default")
             assert (await peers.run_job(client)).result == ("success", "ok")
 
     run(scenario(), 40)

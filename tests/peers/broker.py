@@ -119,6 +119,17 @@ class BrokerProcess:
             self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=log,
                                          stdin=subprocess.DEVNULL)
         self.wait_serving(timeout)
+        if not self.config.is_stock:
+            self.check_implementation()
+
+    def check_implementation(self) -> None:
+        """Fail unless the broker runs the implementation asked for (a broken build must not
+        pass for the compiled one): its start line names its core, and no compiled module
+        was replaced by its pure-Python twin."""
+        (started,) = self.wait_log("INFO", "fastbackend started", timeout=5)[-1:]
+        assert f"({self.config.impl} core)" in started, started
+        if self.config.impl == "c":
+            assert "pure-python" not in self.log().lower(), self.log()
 
     def wait_serving(self, timeout: float = 10.0) -> float:
         """Wait until the client socket answers a ping (pong or unknown); return the delay."""

@@ -157,9 +157,14 @@ class ScriptedAgent(Agent):
         assert self.task is not None
         self.task.cancel()
 
-    def close(self) -> None:
+    def cancel(self) -> None:
+        """Cancel the agent's listening task and its per-message tasks (jobs still running)."""
         if self.task is not None:
             self.task.cancel()
+        self._Agent__cancel_remaining_safe_tasks()
+
+    def close(self) -> None:
+        self.cancel()
         self.socket.close(linger=0)
 
 
@@ -287,10 +292,15 @@ class Peers:
 
     async def __aexit__(self, exc_type: Any, *_: Any) -> None:
         for agent in self.agents:
-            agent.close()
+            agent.cancel()
         for client in self.clients:
             stop_client(client)
-        await asyncio.sleep(0)
+        # Let the cancelled tasks unwind (the real Agent answers the cancellation of a job it
+        # runs by sending a crash result) before their sockets go away.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        for agent in self.agents:
+            agent.socket.close(linger=0)
         self.ctx.destroy(linger=0)
         if exc_type is None:
             for job in self.jobs:
@@ -342,10 +352,10 @@ async def wait_containers(client: Client, *environments: str, timeout: float = 1
 
 
 def stop_client(client: Client) -> None:
-    """Stop a real client: the class has no working close(), so cancel its tasks, close its socket."""
+    """Stop a real client: the class has no working close(), so cancel its tasks (the socket
+    goes with the context)."""
     for task in client._restartable_tasks:
         task.cancel()
-    client._socket.close(linger=0)
 
 
 def run(coro: Awaitable[Any], timeout: float = 60.0) -> Any:

@@ -1,0 +1,129 @@
+"""``fastbackend serve``: arguments, addresses, logging, and clean exits on signals."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+from peers.broker import CONFIGS, LOG_LINE, REPO_ROOT, BrokerProcess, free_tcp_address
+from peers.raw import RawClient, assert_serving
+
+
+def _run(args: list[str], timeout: float = 10, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run a short-lived command in the repository with extra environment variables."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **env}
+    return subprocess.run(args, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def _broker(tmp_path, name: str = "c-uvloop", **kwargs) -> BrokerProcess:
+    return BrokerProcess(CONFIGS[name], tmp_path / "broker.log", **kwargs)
+
+
+def test_serve_help():
+    done = _run([sys.executable, "-m", "fastbackend", "serve", "--help"])
+    assert done.returncode == 0, done.stderr
+    # The drop-in takes the stock script's arguments.
+    for word in ("agent", "client", "--verbose", "--debugmode"):
+        assert word in done.stdout
+
+
+def test_console_script_is_declared_and_runs():
+    """``fastbackend serve`` as the installed console script runs ``fastbackend.cli:main``."""
+    # (tomllib is 3.11+; the project supports 3.10, so read the one line we need.)
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
+    section = pyproject.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    entry = re.search(r'^fastbackend\s*=\s*"([\w.]+:\w+)"', section, re.MULTILINE)
+    assert entry, section
+    module, _, function = entry[1].partition(":")
+    # Exactly what the wrapper pip generates does.
+    wrapper = (f"import sys; from {module} import {function}; "
+               f"sys.argv = ['fastbackend', 'serve', '--help']; sys.exit({function}())")
+    done = _run([sys.executable, "-c", wrapper])
+    assert done.returncode == 0, done.stderr
+    assert "agent" in done.stdout and "client" in done.stdout
+
+
+def test_missing_arguments_is_a_usage_error():
+    done = _run([sys.executable, "-m", "fastbackend", "serve", "tcp://127.0.0.1:1"])
+    assert done.returncode == 2
+    assert "usage" in done.stderr.lower()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("name", ["c-uvloop", "py-asyncio"])
+def test_serve_tcp_and_exit_cleanly_on_signal(tmp_path, zctx, name, sig):
+    broker = _broker(tmp_path, name)
+    broker.start_on_free_ports()
+    try:
+        assert_serving(zctx, broker.agent_addr, broker.client_addr)
+    finally:
+        code = broker.stop(sig)
+    broker.check_clean_exit(code)
+
+
+def test_serve_ipc(tmp_path, zctx):
+    broker = _broker(tmp_path, agent_addr=f"ipc://{tmp_path}/agent.sock",
+                     client_addr=f"ipc://{tmp_path}/client.sock")
+    broker.start()
+    try:
+        assert (tmp_path / "agent.sock").exists() and (tmp_path / "client.sock").exists()
+        assert_serving(zctx, broker.agent_addr, broker.client_addr)
+    finally:
+        code = broker.stop(signal.SIGINT)
+    broker.check_clean_exit(code)
+
+
+@pytest.mark.parametrize("verbose", [True, False], ids=["-v", "default"])
+def test_verbose_shows_debug_lines(tmp_path, zctx, verbose):
+    broker = _broker(tmp_path, verbose=verbose)
+    broker.start_on_free_ports()
+    try:
+        assert_serving(zctx, broker.agent_addr, broker.client_addr)
+        if verbose:
+            broker.wait_log("DEBUG")
+        else:
+            # The job above is over: the broker had its chance to log it.
+            client = RawClient(zctx, broker.client_addr)
+            client.hello()
+            client.ping_roundtrip()
+            client.close()
+            assert broker.log_lines("DEBUG") == []
+    finally:
+        code = broker.stop()
+    broker.check_clean_exit(code)
+    # Every line is in the stock format: asctime - name - level - message.
+    lines = broker.log().splitlines()
+    assert lines and all(LOG_LINE.match(line) for line in lines), lines
+    assert bool(broker.log_lines("DEBUG")) == verbose
+
+
+def test_bad_address_fails_with_a_clear_error(tmp_path):
+    done = _run([sys.executable, "-m", "fastbackend", "serve", "bogus://nowhere", free_tcp_address()])
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert [line for line in done.stderr.splitlines() if " - ERROR - " in line], done.stderr
+
+
+def test_address_in_use_fails_with_a_clear_error(tmp_path):
+    first = _broker(tmp_path)
+    first.start_on_free_ports()
+    try:
+        done = _run([sys.executable, "-m", "fastbackend", "serve", first.agent_addr, first.client_addr])
+        assert done.returncode != 0
+        assert "Traceback" not in done.stderr
+        assert "in use" in done.stderr.lower(), done.stderr
+    finally:
+        code = first.stop()
+    first.check_clean_exit(code)
+
+
+def test_unknown_loop_is_refused():
+    done = _run([sys.executable, "-m", "fastbackend", "serve", free_tcp_address(), free_tcp_address()],
+                FASTBACKEND_LOOP="tokio")
+    assert done.returncode != 0
+    assert "FASTBACKEND_LOOP" in done.stderr
