@@ -1,0 +1,103 @@
+# Declarations of the compiled scheduler, for the broker's Cython module to cimport:
+#
+#     from fastbackend._sched_c cimport Scheduler, JOB_WAITING, JOB_RUNNING
+#
+# Jobs, agents, offers (one per agent-environment pair) and environments live in four
+# C arrays of structs grown by doubling.  They link to one another by uint32 index, with
+# NIL for "none", so that unlinking is O(1) and nothing is malloc'ed per node.  No struct
+# holds a Python object: the only Python state is the environment names.
+
+cimport cython
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+
+# Job states; also module attributes (plain ints) for Python callers.
+cpdef enum:
+    JOB_FREE = 0
+    JOB_WAITING = 1
+    JOB_RUNNING = 2
+
+cdef enum:
+    NIL = 0xFFFFFFFF
+
+
+ctypedef struct Job:
+    uint64_t stamp    # clock value at arrival while waiting, at dispatch while running
+    uint32_t env
+    uint32_t agent    # NIL unless running
+    # Waiting: neighbours in the environment's queue.  Running: neighbours in the
+    # agent's job list.  Free: next is the next free job.
+    uint32_t prev
+    uint32_t next
+    uint8_t state
+
+
+ctypedef struct Agent:
+    uint32_t slots
+    uint32_t free          # free slots
+    uint32_t n_jobs        # running jobs; free + n_jobs == slots
+    uint32_t job_head      # running jobs, in dispatch order
+    uint32_t job_tail
+    uint32_t offer_head    # the agent's offers, in the order the environments were given
+    uint32_t n_envs
+    uint32_t next_free     # free list link while dead
+    uint8_t alive
+    uint8_t ready          # its offers are in the ready queues; == (alive and free > 0)
+    uint8_t pending        # added, and next_job has not yet returned -1 for it
+
+
+ctypedef struct Offer:
+    # "agent offers env": one node per pair, the node that sits in env's ready queue.
+    uint32_t agent
+    uint32_t env
+    uint32_t prev          # neighbours in the environment's ready queue, while ready
+    uint32_t next
+    uint32_t agent_next    # the agent's next offer; free list link while free
+
+
+ctypedef struct Env:
+    uint32_t wait_head     # waiting jobs, in arrival order
+    uint32_t wait_tail
+    uint32_t n_waiting
+    uint32_t ready_head    # offers of agents with a free slot, head is served next
+    uint32_t ready_tail
+
+
+@cython.final
+cdef class Scheduler:
+    cdef Job* jobs
+    cdef Agent* agents
+    cdef Offer* offers
+    cdef Env* envs
+    cdef uint32_t jobs_len, jobs_cap, job_free       # len: one more than the highest index used
+    cdef uint32_t agents_len, agents_cap, agent_free
+    cdef uint32_t offers_len, offers_cap, offer_free
+    cdef uint32_t envs_len, envs_cap
+    cdef uint64_t clock
+    cdef uint32_t n_waiting, n_running
+    cdef uint64_t work_done
+    cdef dict env_ids        # name -> environment index
+    cdef list env_names      # environment index -> name
+
+    # The broker's fast path.  Arguments out of range or naming a free job / dead
+    # agent raise ValueError.
+    cdef int c_submit(self, int env, int* agent) except -1      # the new job; *agent = -1 if it waits
+    cdef int c_finish(self, int job) except -2                  # the job started in its slot, or -1
+    cdef int c_next_job(self, int agent) except -2              # the job started, or -1
+    cdef int c_cancel(self, int job) except -1
+    cdef int c_job_state(self, int job) noexcept                # JOB_FREE when out of range
+    cdef int c_job_agent(self, int job) noexcept                # -1 unless running
+
+    # Internals.
+    cdef int _valid_job(self, int job, int state) except -1
+    cdef int _valid_agent(self, int agent) except -1
+    cdef int _new_job(self) except -1
+    cdef void _free_job(self, uint32_t job) noexcept
+    cdef uint32_t _oldest_offer(self, uint32_t agent) noexcept
+    cdef uint32_t _pop_waiting(self, uint32_t env) noexcept
+    cdef void _start(self, uint32_t job, uint32_t offer) noexcept
+    cdef void _ready_join(self, uint32_t agent) noexcept
+    cdef void _ready_leave(self, uint32_t agent) noexcept
+    cdef void _ready_unlink(self, uint32_t offer) noexcept
+    cdef void _ready_append(self, uint32_t offer) noexcept
+    cdef int _debug_agent(self, uint32_t agent) except -1
+    cdef int _debug_env(self, uint32_t env) except -1
