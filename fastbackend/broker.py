@@ -61,7 +61,8 @@ class RateLimitedLog:
         now = time.monotonic()
         if now - self.window_start >= self.period:
             if self.suppressed:
-                self.log.warning("%d similar lines suppressed in the last %.0f s", self.suppressed, self.period)
+                self.log.warning("%d similar lines suppressed in the last %.0f s",
+                                 self.suppressed, self.period)
             self.window_start = now
             self.lines = 0
             self.suppressed = 0
@@ -123,7 +124,8 @@ class Broker(BrokerCore):
         for job in self.sched.waiting_jobs():
             job_id, course_id, task_id, launcher, time_limit = wire.queue_fields(self.job_frame[job])
             key = self.job_key[job]
-            waiting.append((job_id, key[1 : 1 + key[0]] == ident, f"{course_id}/{task_id}", launcher, time_limit))
+            waiting.append(
+                (job_id, key[1 : 1 + key[0]] == ident, f"{course_id}/{task_id}", launcher, time_limit))
         self.send_client(ident, protocol.get_queue_frame(running, waiting))
 
     def push_environments(self) -> None:
