@@ -227,10 +227,10 @@ class BrokerProcess:
             lines = self.log_lines(level, contains)
             if len(lines) >= count:
                 return lines
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or not self.running():
                 raise AssertionError(
                     f"expected {count} log line(s) level={level} containing {contains!r} "
-                    f"within {timeout}s; log:\n{self.log()[-4000:]}"
+                    f"within {timeout}s (broker running: {self.running()}); log:\n{self.log()[-4000:]}"
                 )
             time.sleep(0.02)
 

@@ -205,9 +205,9 @@ class EchoAgentThread:
     """
 
     def __init__(self, ctx: zmq.Context, addr: str, slots: int, environments: tuple[str, ...],
-                 name: str = "echo-agent", send_started: bool = True) -> None:
+                 name: str = "echo-agent", send_started: bool = True, stdout: str = "") -> None:
         self.ctx, self.addr, self.slots, self.environments = ctx, addr, slots, environments
-        self.name, self.send_started = name, send_started
+        self.name, self.send_started, self.stdout = name, send_started, stdout
         self.answered = 0
         self.max_running = 0
         self.error: BaseException | None = None
@@ -241,7 +241,7 @@ class EchoAgentThread:
                         if self.send_started:
                             sock.send(pack({"type": "agent_job_started", "job_id": job_id}))
                         text = str(message["inputdata"].get("n", ""))
-                        sock.send(pack(job_done_message(job_id, ("success", text))))
+                        sock.send(pack(job_done_message(job_id, ("success", text), stdout=self.stdout)))
                         self.answered += 1
         except BaseException as exc:  # reported by stop()
             self.error = exc
