@@ -44,7 +44,12 @@ def make_router(context: zmq.Context, address: str) -> zmq.Socket:
     socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
     socket.setsockopt(zmq.SNDHWM, 0)
     socket.setsockopt(zmq.LINGER, 1000)
-    socket.bind(address)
+    try:
+        socket.bind(address)
+    except BaseException:
+        # An unclosed socket would block the context's termination forever.
+        socket.close(0)
+        raise
     return socket
 
 
