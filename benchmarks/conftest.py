@@ -49,6 +49,7 @@ class Figure:
     name: str
     unit: str
     higher_is_better: bool
+    comparable: bool = True
     values: dict[str, float | str | None] = field(default_factory=dict)
 
 
@@ -60,8 +61,9 @@ class Registry:
         self.started = time.time()
 
     def record(self, scenario: str, name: str, unit: str, kind: str, value: float | str | None,
-               higher_is_better: bool) -> None:
-        row = self.rows.setdefault((scenario, name), Figure(scenario, name, unit, higher_is_better))
+               higher_is_better: bool, comparable: bool = True) -> None:
+        row = self.rows.setdefault((scenario, name),
+                                   Figure(scenario, name, unit, higher_is_better, comparable))
         row.values[kind] = value
 
     def table(self) -> list[str]:
@@ -99,6 +101,8 @@ def fmt(value: float | str | None) -> str:
 def ratio(row: Figure) -> str:
     """How many times better fastbackend is than stock on this figure."""
     fast, stock = row.values.get("fastbackend"), row.values.get("stock")
+    if not row.comparable:
+        return "-"
     if not isinstance(fast, (int, float)) or not isinstance(stock, (int, float)):
         return "-"
     if row.higher_is_better:
