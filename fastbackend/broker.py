@@ -73,6 +73,51 @@ class RateLimitedLog:
             self.suppressed += 1
 
 
+class QueueSnapshot:
+    """A ``backend_get_queue`` answer, built a slice at a time.
+
+    With a million jobs waiting, listing them takes seconds; built in one go, that
+    would hold back the heartbeat (agents restart after 10 s without a ping).  The
+    running jobs (bounded by the agents' slots) are listed at once; the waiting jobs
+    are taken at the moment of the request and read a slice per loop turn, skipping
+    any that ended meanwhile (their key object is no longer the job's).
+    """
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.waiters: list[bytes] = []
+        self.running = []
+        for job in broker.sched.running_jobs():
+            job_id, course_id, task_id, launcher, time_limit = wire.queue_fields(broker.job_frame[job])
+            started = int(broker.job_started[job])
+            self.running.append((job_id, broker.job_key[job], broker.agent_name[broker.sched.job_agent(job)],
+                                 f"{course_id}/{task_id}", launcher, started, started + time_limit))
+        self.jobs = broker.sched.waiting_jobs()
+        self.keys = [broker.job_key[job] for job in self.jobs]
+        self.waiting: list[tuple] = []
+        self.position = 0
+
+    def step(self, budget: int) -> bool:
+        """Read up to ``budget`` more waiting jobs; True when all are read."""
+        job_key, job_frame = self.broker.job_key, self.broker.job_frame
+        end = min(self.position + budget, len(self.jobs))
+        for job, key in zip(self.jobs[self.position:end], self.keys[self.position:end], strict=True):
+            if job_key[job] is key:
+                job_id, course_id, task_id, launcher, time_limit = wire.queue_fields(job_frame[job])
+                self.waiting.append((job_id, key, f"{course_id}/{task_id}", launcher, time_limit))
+        self.position = end
+        return end == len(self.jobs)
+
+    def frame_for(self, client: bytes) -> bytes:
+        # is_current_client compares the client identity held in each job's key.
+        def mine(key: bytes) -> bool:
+            return key[1 : 1 + key[0]] == client
+
+        running = [(job_id, mine(key), *rest) for job_id, key, *rest in self.running]
+        waiting = [(job_id, mine(key), *rest) for job_id, key, *rest in self.waiting]
+        return protocol.get_queue_frame(running, waiting)
+
+
 class Broker(BrokerCore):
     """The INGInious 0.5 backend state machine, driven by ``server.Server``."""
 
@@ -84,6 +129,7 @@ class Broker(BrokerCore):
         # the order clients see, as in stock.
         self.environments: dict[str, list] = {}
         self.bad_input = RateLimitedLog(logger)
+        self.snapshot: QueueSnapshot | None = None
         self._summary_at = time.monotonic()
         self._summary_done = 0
 
@@ -111,22 +157,21 @@ class Broker(BrokerCore):
         self.send_client(ident, protocol.update_containers_frame(tuple(self.environments)))
 
     def client_get_queue(self, ident: bytes) -> None:
-        running = []
-        for job in self.sched.running_jobs():
-            job_id, course_id, task_id, launcher, time_limit = wire.queue_fields(self.job_frame[job])
-            started = int(self.job_started[job])
-            key = self.job_key[job]
-            running.append((
-                job_id, key[1 : 1 + key[0]] == ident, self.agent_name[self.sched.job_agent(job)],
-                f"{course_id}/{task_id}", launcher, started, started + time_limit,
-            ))
-        waiting = []
-        for job in self.sched.waiting_jobs():
-            job_id, course_id, task_id, launcher, time_limit = wire.queue_fields(self.job_frame[job])
-            key = self.job_key[job]
-            waiting.append(
-                (job_id, key[1 : 1 + key[0]] == ident, f"{course_id}/{task_id}", launcher, time_limit))
-        self.send_client(ident, protocol.get_queue_frame(running, waiting))
+        # Answered once the snapshot is complete; clients asking meanwhile share it.
+        if self.snapshot is None:
+            self.snapshot = QueueSnapshot(self)
+        self.snapshot.waiters.append(ident)
+
+    def background(self, budget: int) -> bool:
+        """Advance slow work (the queue snapshot) by ``budget`` jobs; True if some remains."""
+        if self.snapshot is None:
+            return False
+        if not self.snapshot.step(budget):
+            return True
+        snapshot, self.snapshot = self.snapshot, None
+        for client in snapshot.waiters:
+            self.send_client(client, snapshot.frame_for(client))
+        return False
 
     def push_environments(self) -> None:
         frame = protocol.update_containers_frame(tuple(self.environments))

@@ -27,6 +27,8 @@ logger = logging.getLogger("fastbackend.server")
 
 #: Messages handled per socket before the loop gets control back.
 BATCH = 256
+#: Jobs of a queue snapshot listed per loop turn.
+SNAPSHOT_SLICE = 5000
 HEARTBEAT_PERIOD = 1.0
 SUMMARY_PERIOD = 30.0
 
@@ -109,7 +111,10 @@ class Backend:
 
     def _pump(self) -> None:
         self._pump_handle = None
-        if self.broker.drain(BATCH) and self._pump_handle is None:
+        more = self.broker.drain(BATCH)
+        # Slow work advances a slice per turn, between batches of messages.
+        more = self.broker.background(SNAPSHOT_SLICE) or more
+        if more and self._pump_handle is None:
             self._pump_handle = self._loop.call_soon(self._pump)
 
     def _heartbeat(self) -> None:
