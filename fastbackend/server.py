@@ -22,6 +22,7 @@ import logging
 import zmq
 
 from .broker import Broker
+from .protocol import MAX_FRAME_SIZE
 
 logger = logging.getLogger("fastbackend.server")
 
@@ -39,13 +40,16 @@ def make_router(context: zmq.Context, address: str) -> zmq.Socket:
     ROUTER drops frames for a peer whose pipe is full (send high-water mark, 1000 by
     default) or unknown.  With no high-water mark, frames for a slow client queue in
     libzmq until it reads them; with ROUTER_MANDATORY, a frame for a peer that is gone
-    fails with EHOSTUNREACH, which the broker logs.
+    fails with EHOSTUNREACH, which the broker logs.  A frame over ``MAX_FRAME_SIZE``
+    is refused by libzmq itself, before it is buffered.
     """
     socket = context.socket(zmq.ROUTER)
     socket.ipv6 = True
     socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
     socket.setsockopt(zmq.SNDHWM, 0)
     socket.setsockopt(zmq.LINGER, 1000)
+    # libzmq disconnects a peer that announces a larger frame before buffering it.
+    socket.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_SIZE)
     try:
         socket.bind(address)
     except BaseException:
