@@ -125,6 +125,8 @@ def test_many_jobs_each_once_within_slots_and_environments(broker):
                 # Heartbeats kept flowing under load (the agent restarts itself after 10 s without).
                 gaps = agent.ping_gaps()
                 assert not gaps or max(gaps) < 3.0, (agent.name, max(gaps))
+            # The slot check above can see concurrency: some agent did run several jobs at once.
+            assert max(agent.max_running for agent in agents) > 1
             dispatched = [job.job_id[1] for agent in agents for job in agent.jobs]
             assert len(dispatched) == n_jobs and len(set(dispatched)) == n_jobs
             # Every job got exactly one callback: a duplicate sent before this job's result
@@ -425,7 +427,10 @@ def test_agents_are_pinged_every_second(broker):
             client = await peers.ready_client("default")
             await wait_until(lambda: len(agent.ping_times) >= 4, 8, "4 pings")
             gaps = agent.ping_gaps()
-            assert all(0.5 <= gap <= 1.6 for gap in gaps), gaps
+            # About one a second on average; a late tick may be followed by an on-time one
+            # (a fixed grid), so single gaps are only bounded loosely.
+            assert 0.8 <= sum(gaps) / len(gaps) <= 1.3, gaps
+            assert max(gaps) < 2.0, gaps
             # The client's own pings are answered too (it reconnects after 10 missed pongs).
             assert client._ping_count <= 1
 

@@ -22,6 +22,7 @@ from peers.raw import (
     EchoAgentThread,
     RawAgent,
     RawClient,
+    ZmtpPeer,
     assert_serving,
     job_done_message,
     new_job_message,
@@ -330,3 +331,26 @@ def test_slow_consumer_gets_every_result_exactly_once(broker, zctx):
         assert started == n_jobs
     finally:
         agent.stop()
+
+
+@pytest.mark.stock_bug("no frame size limit: a peer can make it wait for (and buffer) any amount")
+@pytest.mark.parametrize("side", ["client", "agent"])
+def test_frame_claiming_a_huge_length_is_refused_before_buffering(broker, zctx, side):
+    """A ZMTP frame header announcing 1 GiB (over the broker's 256 MiB limit) gets the
+    connection closed at once, before anything is buffered; one announcing 1 MiB is waited for."""
+    addr = broker.client_addr if side == "client" else broker.agent_addr
+    if side == "client":
+        # The hand-made ZMTP peer is a real peer: the broker answers it.
+        peer = ZmtpPeer(addr)
+        peer.send_frame(pack({"type": "ping"}))
+        assert unpack(peer.read_frame()[1]) == {"type": "unknown"}
+        peer.close()
+    honest = ZmtpPeer(addr)
+    honest.send_header_claiming(1 << 20)
+    assert not honest.closed_by_peer(within=0.5), "a frame under the limit must be waited for"
+    honest.close()
+    liar = ZmtpPeer(addr)
+    liar.send_header_claiming(1 << 30)
+    assert liar.closed_by_peer(within=5), "a frame over the limit must be refused"
+    liar.close()
+    assert_serving(zctx, broker.agent_addr, broker.client_addr)

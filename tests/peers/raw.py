@@ -8,6 +8,7 @@ These peers speak the 0.5 dialect exactly as the real ones do (one frame per mes
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import uuid
@@ -263,3 +264,63 @@ class EchoAgentThread:
         assert not self._thread.is_alive(), "echo agent thread did not stop"
         if self.error is not None:
             raise self.error
+
+
+class ZmtpPeer:
+    """A peer speaking ZMTP 3.0 by hand over a plain TCP socket (NULL security, DEALER type).
+
+    pyzmq cannot send a frame whose length header lies; this can: it is how a test claims
+    a gigantic frame without sending it.  Every read is bounded by ``timeout``.
+    """
+
+    def __init__(self, addr: str, timeout: float = 5.0) -> None:
+        host, port = addr.removeprefix("tcp://").rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
+        greeting = (b"\xff" + bytes(8) + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\x00")
+                    + b"\x00" + bytes(31))
+        self.sock.sendall(greeting)
+        self._read_exact(64)  # the broker's greeting
+        name, value = b"Socket-Type", b"DEALER"
+        body = b"\x05READY" + bytes([len(name)]) + name + len(value).to_bytes(4, "big") + value
+        self.sock.sendall(bytes([0x04, len(body)]) + body)
+        flags, command = self.read_frame()
+        assert flags & 0x04 and command.startswith(b"\x05READY"), (flags, command[:16])
+
+    def _read_exact(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("closed by the broker")
+            data += chunk
+        return data
+
+    def read_frame(self) -> tuple[int, bytes]:
+        """One ZMTP frame: (flags, body)."""
+        flags = self._read_exact(1)[0]
+        size = int.from_bytes(self._read_exact(8 if flags & 0x02 else 1), "big")
+        return flags, self._read_exact(size)
+
+    def send_frame(self, body: bytes) -> None:
+        """A single-frame message (short or long form as its size needs)."""
+        if len(body) < 256:
+            self.sock.sendall(bytes([0x00, len(body)]) + body)
+        else:
+            self.sock.sendall(b"\x02" + len(body).to_bytes(8, "big") + body)
+
+    def send_header_claiming(self, size: int, sample: bytes = b"x" * 64) -> None:
+        """A long-frame header announcing ``size`` bytes, followed by only ``sample``."""
+        self.sock.sendall(b"\x02" + size.to_bytes(8, "big") + sample)
+
+    def closed_by_peer(self, within: float) -> bool:
+        """True if the broker closes the connection within ``within`` seconds."""
+        self.sock.settimeout(within)
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
