@@ -118,8 +118,12 @@ class QueueSnapshot:
         return protocol.get_queue_frame(running, waiting)
 
 
-class Broker(BrokerCore):
-    """The INGInious 0.5 backend state machine, driven by ``server.Server``."""
+class BrokerLogic:
+    """The rare half of the INGInious 0.5 backend, shared by both cores.
+
+    Mixed in before a ``BrokerCore`` (``Broker`` below uses the selected one; tests
+    build one on each), whose hooks it implements and whose state it uses.
+    """
 
     def __init__(self, agent_socket: zmq.Socket, client_socket: zmq.Socket) -> None:
         super().__init__(agent_socket, client_socket)
@@ -280,3 +284,7 @@ class Broker(BrokerCore):
                         "%d frames dropped so far",
                         done / period if period else 0.0, period, self.sched.waiting_count(),
                         self.sched.running_count(), len(self.agents), len(self.clients), self.frames_dropped)
+
+
+class Broker(BrokerLogic, BrokerCore):
+    """The INGInious 0.5 backend state machine on the selected core, driven by ``server.Backend``."""

@@ -1,0 +1,281 @@
+"""The two broker cores, in-process, stepped by hand: they must agree byte for byte.
+
+Each test builds a broker on each core (``BrokerLogic`` mixed into ``_broker_c.BrokerCore``
+and into ``_broker_py.BrokerCore``) over ``inproc://`` ROUTER sockets, with DEALER peers
+whose identities are fixed so that both runs see the same bytes.  Nothing here waits on
+time: the test drains the broker itself, then reads what each peer received.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastbackend import _broker_py, protocol
+from fastbackend.broker import BrokerLogic
+from fastbackend.server import make_router
+
+NO_EXTENSIONS = os.environ.get("FASTBACKEND_NO_EXTENSIONS", "") not in ("", "0")
+if NO_EXTENSIONS:
+    CORES = {"py": _broker_py.BrokerCore}
+else:
+    from fastbackend import _broker_c
+
+    CORES = {"c": _broker_c.BrokerCore, "py": _broker_py.BrokerCore}
+
+_names = itertools.count()
+
+
+def pack(**fields: Any) -> bytes:
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def new_job(job_id: str, environment: str = "default", **extra: Any) -> bytes:
+    fields = dict(job_id=job_id, course_id="course", task_id="task", inputdata={"answer": "é" * 3},
+                  environment=environment, enable_network=False, time_limit=30, hard_time_limit=90,
+                  mem_limit=100, debug=False, launcher="tests")
+    fields.update(extra)
+    return pack(type="client_new_job", **fields)
+
+
+def agent_hello(name: str, slots: int, environments: list[str]) -> bytes:
+    containers = {env: {"id": f"sha256:{env}", "created": 1} for env in environments}
+    return pack(type="agent_hello", friendly_name=name, available_job_slots=slots,
+                available_containers=containers)
+
+
+def job_done(job_id: tuple[bytes, str], result: str = "success") -> bytes:
+    return pack(type="agent_job_done", job_id=job_id, result=(result, "fine"), grade=100.0,
+                problems={"p": ("success", "ok")}, tests={}, custom={"k": [1, 2]},
+                archive=b"\x00\xff" * 100, stdout="out ✓", stderr="")
+
+
+class Harness:
+    """One broker on one core, with named DEALER peers; all over inproc."""
+
+    def __init__(self, core: type) -> None:
+        broker_class = type(f"Broker_{core.IMPL}", (BrokerLogic, core), {})
+        self.ctx = zmq.Context()
+        tag = next(_names)
+        self.agent_addr, self.client_addr = f"inproc://agents-{tag}", f"inproc://clients-{tag}"
+        self.broker = broker_class(make_router(self.ctx, self.agent_addr),
+                                   make_router(self.ctx, self.client_addr))
+        self.peers: dict[str, zmq.Socket] = {}
+
+    def peer(self, name: str) -> zmq.Socket:
+        """A DEALER named ``c…`` (client) or ``a…`` (agent), created on first use."""
+        if name not in self.peers:
+            socket = self.ctx.socket(zmq.DEALER)
+            socket.setsockopt(zmq.ROUTING_ID, name.encode())
+            socket.connect(self.client_addr if name.startswith("c") else self.agent_addr)
+            self.peers[name] = socket
+        return self.peers[name]
+
+    def send(self, name: str, frame: bytes) -> None:
+        self.peer(name).send(frame)
+        self.settle()
+
+    def settle(self) -> None:
+        # Bounded: every frame is handled within the first rounds; the rest are for safety.
+        for _ in range(4):
+            more = self.broker.drain(10_000)
+            while self.broker.background(100_000):
+                pass
+            if not more:
+                break
+
+    def received(self, name: str) -> list[bytes]:
+        frames = []
+        socket = self.peer(name)
+        while True:
+            try:
+                frames.append(socket.recv(zmq.DONTWAIT))
+            except zmq.Again:
+                return frames
+
+    def close(self) -> None:
+        for socket in self.peers.values():
+            socket.close(0)
+        self.broker.agent_socket.close(0)
+        self.broker.client_socket.close(0)
+        self.ctx.term()
+
+
+@pytest.fixture(params=sorted(CORES))
+def harness(request: pytest.FixtureRequest):
+    h = Harness(CORES[request.param])
+    yield h
+    h.close()
+
+
+def decode(frames: list[bytes]) -> list[dict]:
+    return [protocol.decode(frame) for frame in frames]
+
+
+def test_snapshot_is_built_in_slices_and_skips_jobs_that_ended(harness: Harness) -> None:
+    harness.send("c1", pack(type="client_hello", name="me"))
+    for i in range(50):
+        harness.peer("c1").send(new_job(f"w{i}", environment="absent"))
+    harness.settle()
+    harness.received("c1")
+    harness.peer("c1").send(pack(type="client_get_queue"))
+    harness.broker.drain(100)
+    assert harness.broker.snapshot is not None
+    assert harness.broker.background(10)  # 10 of 50 read: more to do
+    # Two jobs end while the snapshot is being built: one already read, one not yet.
+    harness.broker.kill_job(b"c1", "w5")
+    harness.broker.kill_job(b"c1", "w30")
+    steps = 1
+    while harness.broker.background(10):
+        steps += 1
+    assert steps >= 4
+    frames = decode(harness.received("c1"))
+    snapshot = [f for f in frames if f["type"] == "backend_get_queue"]
+    assert len(snapshot) == 1
+    waiting_ids = [entry[0] for entry in snapshot[0]["jobs_waiting"]]
+    assert waiting_ids == [f"w{i}" for i in range(50) if i != 30]  # w5 was read before its kill
+    assert snapshot[0]["jobs_waiting"][0] == ("w0", True, "course/task", "tests", 30)
+
+
+def test_clients_asking_during_a_snapshot_share_it(harness: Harness) -> None:
+    for client in ("c1", "c2"):
+        harness.send(client, pack(type="client_hello", name=client))
+        harness.received(client)
+    harness.send("c1", new_job("mine", environment="absent"))
+    harness.peer("c1").send(pack(type="client_get_queue"))
+    harness.peer("c2").send(pack(type="client_get_queue"))
+    harness.settle()
+    for client, is_current in (("c1", True), ("c2", False)):
+        (frame,) = decode(harness.received(client))
+        assert frame["jobs_waiting"] == (("mine", is_current, "course/task", "tests", 30),)
+
+
+# -- differential: a random conversation, replayed on both cores -------------------------
+
+CLIENTS = ["c1", "c2"]
+AGENTS = ["a1", "a2", "a3"]
+ENVS = ["default", "java", "absent"]
+
+# The per-job steps are listed several times so that random conversations often get
+# as far as results (a uniform choice rarely would).
+job_step = st.tuples(st.just("job"), st.sampled_from(CLIENTS), st.integers(0, 12),
+                     st.sampled_from(["default"] * 3 + ENVS))
+agent_steps = [st.tuples(st.just(kind), st.sampled_from(AGENTS[:1] * 3 + AGENTS), st.integers(0, 5))
+               for kind in ("started", "done", "done", "ssh")]
+steps = st.one_of(
+    job_step, job_step, job_step, *agent_steps, *agent_steps,
+    st.tuples(st.just("hello"), st.sampled_from(CLIENTS)),
+    st.tuples(st.just("kill"), st.sampled_from(CLIENTS), st.integers(0, 12)),
+    st.tuples(st.just("queue"), st.sampled_from(CLIENTS)),
+    st.tuples(st.just("ping"), st.sampled_from(CLIENTS)),
+    st.tuples(st.just("agent"), st.sampled_from(AGENTS), st.integers(0, 3),
+              st.lists(st.sampled_from(ENVS[:2]), min_size=1, max_size=2, unique=True)),
+    st.tuples(st.just("pong"), st.sampled_from(AGENTS)),
+    st.tuples(st.just("heartbeat")),
+    st.tuples(st.just("garbage"), st.sampled_from(CLIENTS + AGENTS), st.binary(max_size=12)),
+)
+# Conversations open with both clients registered and one agent offering "default".
+OPENING = [("hello", "c1"), ("hello", "c2"), ("agent", "a1", 2, ["default"])]
+
+
+def replay(core: type, script: list[tuple]) -> dict[str, list[bytes]]:
+    """Run ``script`` on a fresh broker; every peer's received frames, in order."""
+    h = Harness(core)
+    inbox: dict[str, list[bytes]] = {name: [] for name in CLIENTS + AGENTS}
+    jobs_seen: dict[str, list[tuple[bytes, str]]] = {name: [] for name in AGENTS}
+    latest: dict[tuple[str, int], str] = {}
+    submissions = itertools.count()
+    try:
+        for step in script:
+            kind, who = step[0], step[1] if len(step) > 1 else None
+            if kind == "hello":
+                h.send(who, pack(type="client_hello", name=who))
+            elif kind == "job":
+                # Real clients never reuse a job id (uuid4); a step may repeat a name, so
+                # each submission gets its own id, and kills name the latest of that name.
+                latest[(who, step[2])] = job_id = f"{who}-{step[2]}-{next(submissions)}"
+                h.send(who, new_job(job_id, step[3]))
+            elif kind == "kill":
+                h.send(who, pack(type="client_kill_job", job_id=latest.get((who, step[2]), "never")))
+            elif kind == "queue":
+                h.send(who, pack(type="client_get_queue"))
+            elif kind == "ping":
+                h.send(who, pack(type="ping"))
+            elif kind == "agent":
+                h.send(who, agent_hello(who, step[2], step[3]))
+            elif kind in ("started", "done", "ssh"):
+                # Mostly about a job the agent holds; sometimes one it finished, or none.
+                seen = jobs_seen[who]
+                job_id = seen[step[2] % len(seen)] if seen else (b"c1", "nothing")
+                if kind == "done" and seen and step[2] < 4:
+                    seen.remove(job_id)
+                    seen.append(job_id)  # finished jobs move to the back: picked less often
+                frame = {"started": lambda j: pack(type="agent_job_started", job_id=j),
+                         "done": job_done,
+                         "ssh": lambda j: pack(type="agent_job_ssh_debug", job_id=j, host="h", port=22,
+                                               password="pw")}[kind](job_id)
+                h.send(who, frame)
+            elif kind == "pong":
+                h.send(who, pack(type="pong"))
+            elif kind == "heartbeat":
+                h.broker.heartbeat()
+                h.settle()
+            elif kind == "garbage":
+                h.send(who, step[2])
+            for name in inbox:
+                frames = h.received(name)
+                inbox[name].extend(frames)
+                if name in jobs_seen:
+                    for frame in frames:
+                        message = protocol.decode(frame)
+                        if message["type"] == "backend_new_job":
+                            jobs_seen[name].append(message["job_id"])
+    finally:
+        h.close()
+    return inbox
+
+
+def comparable(frame: bytes) -> Any:
+    """Frames compare byte for byte, except snapshot times (whole seconds of the wall clock)."""
+    message = protocol.decode(frame)
+    if message["type"] == "backend_get_queue":
+        return ("backend_get_queue", tuple(entry[:5] for entry in message["jobs_running"]),
+                message["jobs_waiting"])
+    return frame
+
+
+def check_protocol(inbox: dict[str, list[bytes]]) -> None:
+    """What the real peers rely on: one result per job, nothing after it, exact key sets."""
+    for name in CLIENTS:
+        finished: set[str] = set()
+        for frame in inbox[name]:
+            message = protocol.decode(frame)
+            fields = protocol.BACKEND_MESSAGES[message["type"]]
+            assert set(message) == {*fields, "type"}
+            job_id = message.get("job_id")
+            if message["type"] in ("backend_job_done", "backend_job_started", "backend_job_ssh_debug"):
+                assert job_id not in finished, f"{message['type']} for {job_id} after its result"
+            if message["type"] == "backend_job_done":
+                finished.add(job_id)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(steps, min_size=5, max_size=40))
+def test_cores_agree_on_random_conversations(script: list[tuple]) -> None:
+    """Every core (both unless FASTBACKEND_NO_EXTENSIONS) sends the same frames; they obey the protocol."""
+    script = OPENING + script
+    pure = replay(CORES["py"], script)
+    check_protocol(pure)
+    for impl, core in CORES.items():
+        if impl != "py":
+            other = replay(core, script)
+            for name in pure:
+                expected = [comparable(f) for f in pure[name]]
+                assert [comparable(f) for f in other[name]] == expected, (impl, name)
