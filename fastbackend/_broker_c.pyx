@@ -14,7 +14,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memcpy
 
-from fastbackend._sched_c cimport JOB_RUNNING, JOB_WAITING, Scheduler
+from fastbackend._sched_c cimport JOB_RUNNING, Scheduler
 from fastbackend._wire_c cimport (
     Scan,
     agent_to_client_size,
@@ -33,7 +33,6 @@ import time
 import zmq as pyzmq
 
 from fastbackend import protocol
-from fastbackend._wire_c import job_key as wire_job_key
 from fastbackend.protocol import WireError
 
 include "_libzmq.pxi"
@@ -67,7 +66,6 @@ assert (CLIENT_HELLO, CLIENT_NEW_JOB, CLIENT_KILL_JOB, CLIENT_GET_QUEUE, PING, P
 
 cdef bytes PONG_FRAME = protocol.PONG_FRAME
 cdef bytes UNKNOWN_FRAME = protocol.UNKNOWN_FRAME
-KILLED = ("killed", "You killed the job", "")
 
 
 cdef class BrokerCore:
@@ -287,25 +285,15 @@ cdef class BrokerCore:
                        &out, "agent")
         return 0
 
-    def kill_job(self, bytes ident, str job_id):
-        """Kill a job: a waiting one ends at once, a running one is killed by its agent."""
-        job = self.jobs.get(wire_job_key(ident, job_id), -1)
-        if job < 0:
-            self.dropped("client", ident, f"kill of unknown job {job_id!r}")
-            return
-        if self.sched.c_job_state(job) == JOB_WAITING:
-            self.sched.c_cancel(job)
-            self.forget_job(job)
-            self.send_client(ident, protocol.job_done_frame(job_id, *KILLED))
-        else:
-            agent = self.sched.c_job_agent(job)
-            self.send_agent(self.agent_ident[agent], protocol.kill_job_frame(ident, job_id))
-
     def forget_job(self, int job):
         """Drop a job's key and frame: from now on, messages about it are dropped."""
+        self._forget(job)
+
+    cdef int _forget(self, int job) except -1:
         del self.jobs[self.job_key[job]]
         self.job_key[job] = None
         self.job_frame[job] = None
+        return 0
 
     # -- agents -------------------------------------------------------------------
 
@@ -348,7 +336,7 @@ cdef class BrokerCore:
             write_job_started(<char*>lz.msg_data(&out), scan.job_id, scan.job_id_len)
         self._send_msg(self.client_handle, scan.ident, scan.ident_len, &out, "client")
         if scan.type == AGENT_JOB_DONE:
-            self.forget_job(job)
+            self._forget(job)
             self.jobs_done += 1
             following = self.sched.c_finish(job)
             if following >= 0:

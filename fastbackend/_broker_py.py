@@ -1,12 +1,12 @@
 """The broker's hot path in pure Python: the readable truth of ``_broker_c``.
 
 ``BrokerCore`` owns the per-job state and handles the messages that arrive once or
-more per job: ``client_new_job``, ``client_kill_job``, ``ping`` (client), and
+more per job: ``client_new_job``, ``ping`` (client), and
 ``agent_job_started``, ``agent_job_done``, ``agent_job_ssh_debug``, ``pong`` (agent).
-It also drains the two ROUTER sockets.  The rare messages (hellos, queue snapshots)
-and the heartbeat are handled by ``broker.Broker``, a Python subclass shared by both
-implementations, through the hooks ``client_hello``, ``client_get_queue``,
-``agent_hello`` and ``dropped``.
+It also drains the two ROUTER sockets.  The rare messages (hellos, queue snapshots,
+kills) and the heartbeat are handled by ``broker.BrokerLogic``, mixed into
+either core, through the hooks ``client_hello``, ``client_get_queue``, ``kill_job``,
+``agent_hello``, ``dropped``, ``internal_error`` and ``unreachable``.
 
 State, by index:
 
@@ -45,11 +45,6 @@ from .protocol import (
 )
 
 JOB_RUNNING = sched.JOB_RUNNING
-JOB_WAITING = sched.JOB_WAITING
-
-# Result the backend itself gives a job killed while it waited; the stock backend
-# sends empty outputs in that case.
-KILLED = ("killed", "You killed the job", "")
 
 
 class BrokerCore:
@@ -80,6 +75,9 @@ class BrokerCore:
         raise NotImplementedError
 
     def client_get_queue(self, ident: bytes) -> None:
+        raise NotImplementedError
+
+    def kill_job(self, ident: bytes, job_id: str) -> None:
         raise NotImplementedError
 
     def agent_hello(self, ident: bytes, frame: bytes) -> None:
@@ -191,20 +189,6 @@ class BrokerCore:
         client = key[1 : 1 + key[0]]
         self.job_started[job] = time.time()
         self.send_agent(self.agent_ident[agent], wire.splice_new_job(self.job_frame[job], client))
-
-    def kill_job(self, ident: bytes, job_id: str) -> None:
-        job = self.jobs.get(wire.job_key(ident, job_id), -1)
-        if job < 0:
-            self.dropped("client", ident, f"kill of unknown job {job_id!r}")
-            return
-        if self.sched.job_state(job) == JOB_WAITING:
-            self.sched.cancel(job)
-            self.forget_job(job)
-            self.send_client(ident, protocol.job_done_frame(job_id, *KILLED))
-        else:
-            # The agent's own agent_job_done ends the job.
-            agent = self.sched.job_agent(job)
-            self.send_agent(self.agent_ident[agent], protocol.kill_job_frame(ident, job_id))
 
     def forget_job(self, job: int) -> None:
         del self.jobs[self.job_key[job]]

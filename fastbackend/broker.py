@@ -23,7 +23,7 @@ import time
 
 import zmq
 
-from . import protocol, wire
+from . import protocol, sched, wire
 from .protocol import WireError
 
 logger = logging.getLogger("fastbackend.broker")
@@ -176,6 +176,22 @@ class BrokerLogic:
         for client in snapshot.waiters:
             self.send_client(client, snapshot.frame_for(client))
         return False
+
+    def kill_job(self, ident: bytes, job_id: str) -> None:
+        """A waiting job ends at once (killed); a running one is killed by its agent,
+        whose own ``agent_job_done`` then ends it."""
+        job = self.jobs.get(wire.job_key(ident, job_id), -1)
+        if job < 0:
+            self.dropped("client", ident, f"kill of unknown job {job_id!r}")
+            return
+        if self.sched.job_state(job) == sched.JOB_WAITING:
+            self.sched.cancel(job)
+            self.forget_job(job)
+            # Stock answers with empty outputs here (and None for a crash).
+            self.send_client(ident, protocol.job_done_frame(job_id, "killed", "You killed the job", ""))
+        else:
+            agent = self.sched.job_agent(job)
+            self.send_agent(self.agent_ident[agent], protocol.kill_job_frame(ident, job_id))
 
     def push_environments(self) -> None:
         frame = protocol.update_containers_frame(tuple(self.environments))
