@@ -157,14 +157,6 @@ class BrokerFactory:
         self._forwarder: Path | None = None
         self.stock_python = os.environ.get("FASTBACKEND_STOCK_PYTHON") or None
 
-    def available(self) -> list[str]:
-        kinds = ["ceiling", "fastbackend"]
-        if os.environ.get("FASTBACKEND_BENCH_PURE", "1") not in ("", "0"):
-            kinds.append("fastbackend-py")
-        if self.stock_python:
-            kinds.append("stock")
-        return kinds
-
     def command(self, kind: str, agent_addr: str, client_addr: str) -> tuple[list[str], dict[str, str]]:
         env = dict(os.environ)
         if kind == "ceiling":

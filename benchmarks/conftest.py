@@ -29,16 +29,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_config import KIND_ORDER, SCALE, SMOKE, broker_kinds  # noqa: E402
 from brokers import BrokerFactory  # noqa: E402
-
-SMOKE = os.environ.get("FASTBACKEND_BENCH_SMOKE", "") not in ("", "0")
-SCALE = float(os.environ.get("FASTBACKEND_BENCH_SCALE", "1"))
-KIND_ORDER = ("stock", "fastbackend", "fastbackend-py", "ceiling")
-
-
-def scaled(default: float, smoke: float) -> float:
-    """A size for this run: ``smoke`` in smoke mode, else ``default`` times the scale."""
-    return smoke if SMOKE else default * SCALE
 
 
 @dataclass
@@ -121,18 +113,6 @@ def registry() -> Registry:
 @pytest.fixture(scope="session")
 def broker_factory(tmp_path_factory: pytest.TempPathFactory) -> BrokerFactory:
     return BrokerFactory(tmp_path_factory.mktemp("brokers"))
-
-
-def broker_kinds() -> list[str]:
-    kinds = ["ceiling", "fastbackend"]
-    if os.environ.get("FASTBACKEND_BENCH_PURE", "1") not in ("", "0"):
-        kinds.append("fastbackend-py")
-    if os.environ.get("FASTBACKEND_STOCK_PYTHON"):
-        kinds.insert(0, "stock")
-    only = [k for k in os.environ.get("FASTBACKEND_BENCH_KINDS", "").split(",") if k]
-    if only:
-        kinds = [k for k in kinds if k in only]
-    return kinds
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import SCALE, SMOKE, broker_kinds, scaled
+from bench_config import SCALE, SMOKE, broker_kinds, scaled
 from harness import LoadSession
 from loadgen import BLOCKED_ENVIRONMENT
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 
 import pytest
-from conftest import SMOKE
+from bench_config import SMOKE
 
 BACKLOGS = [0, 1_000] if SMOKE else [0, 100_000, 1_000_000]
 ENV_COUNTS = [1, 50]

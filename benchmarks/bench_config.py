@@ -1,0 +1,30 @@
+"""Size knobs and broker selection of the benchmarks, read once from the environment.
+
+Kept out of conftest.py so that the test modules can import them by a name no other
+directory's conftest shadows.  The variables are described in conftest.py and README.md.
+"""
+
+from __future__ import annotations
+
+import os
+
+SMOKE = os.environ.get("FASTBACKEND_BENCH_SMOKE", "") not in ("", "0")
+SCALE = float(os.environ.get("FASTBACKEND_BENCH_SCALE", "1"))
+KIND_ORDER = ("stock", "fastbackend", "fastbackend-py", "ceiling")
+
+
+def scaled(default: float, smoke: float) -> float:
+    """A size for this run: ``smoke`` in smoke mode, else ``default`` times the scale."""
+    return smoke if SMOKE else default * SCALE
+
+
+def broker_kinds() -> list[str]:
+    kinds = ["ceiling", "fastbackend"]
+    if os.environ.get("FASTBACKEND_BENCH_PURE", "1") not in ("", "0"):
+        kinds.append("fastbackend-py")
+    if os.environ.get("FASTBACKEND_STOCK_PYTHON"):
+        kinds.insert(0, "stock")
+    only = [k for k in os.environ.get("FASTBACKEND_BENCH_KINDS", "").split(",") if k]
+    if only:
+        kinds = [k for k in kinds if k in only]
+    return kinds
