@@ -90,6 +90,7 @@ cdef class BrokerCore:
     cdef public Py_ssize_t jobs_submitted
     cdef public Py_ssize_t jobs_done
     cdef public Py_ssize_t frames_dropped
+    cdef public bint log_jobs     # per-job DEBUG lines (set by the logic layer from the log level)
 
     def __init__(self, agent_socket, client_socket):
         self.agent_socket = agent_socket
@@ -108,6 +109,7 @@ cdef class BrokerCore:
         self.job_frame = []
         self.job_started = []
         self.env_ids = {}
+        self.log_jobs = False
         self.jobs_submitted = 0
         self.jobs_done = 0
         self.frames_dropped = 0
@@ -253,6 +255,8 @@ cdef class BrokerCore:
         self.job_key[job] = key
         self.job_frame[job] = PyBytes_FromStringAndSize(data, size)
         self.jobs_submitted += 1
+        if self.log_jobs:
+            self.job_event("queued", job, -1)
         if agent >= 0:
             self._dispatch(job, agent)
         return 0
@@ -281,6 +285,8 @@ cdef class BrokerCore:
             lz.msg_close(&out)
             raise AssertionError(f"backend_new_job spliced to {written} bytes, {size} announced")
         self.job_started[job] = time.time()
+        if self.log_jobs:
+            self.job_event("sent", job, agent)
         self._send_msg(self.agent_handle, PyBytes_AS_STRING(agent_ident), PyBytes_GET_SIZE(agent_ident),
                        &out, "agent")
         return 0
@@ -324,6 +330,8 @@ cdef class BrokerCore:
             self.dropped("agent", ident, "message about job %r, which is not running there"
                          % PyUnicode_DecodeUTF8(scan.job_id, scan.job_id_len, "replace"))
             return 0
+        if scan.type == AGENT_JOB_DONE and self.log_jobs:
+            self.job_event("done", job, agent)
         if scan.type == AGENT_JOB_DONE or scan.type == AGENT_JOB_SSH_DEBUG:
             out_size = agent_to_client_size(&scan)
             if lz.msg_init_size(&out, out_size) != 0:

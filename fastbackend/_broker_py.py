@@ -65,6 +65,9 @@ class BrokerCore:
         self.job_frame: list[bytes | None] = []
         self.job_started: list[float] = []
         # Counters for the periodic summary.
+        # Per-job DEBUG lines cost a Python call each: decided once, by the logic
+        # layer, from the log level (``fastbackend serve -v``).
+        self.log_jobs = False
         self.jobs_submitted = 0
         self.jobs_done = 0
         self.frames_dropped = 0
@@ -84,6 +87,9 @@ class BrokerCore:
         raise NotImplementedError
 
     def dropped(self, side: str, ident: bytes, reason: str) -> None:
+        raise NotImplementedError
+
+    def job_event(self, event: str, job: int, agent: int) -> None:
         raise NotImplementedError
 
     def internal_error(self, side: str, ident: bytes) -> None:
@@ -180,6 +186,8 @@ class BrokerCore:
         self.job_key[job] = key
         self.job_frame[job] = frame
         self.jobs_submitted += 1
+        if self.log_jobs:
+            self.job_event("queued", job, -1)
         if agent >= 0:
             self.dispatch(job, agent)
 
@@ -188,6 +196,8 @@ class BrokerCore:
         key = self.job_key[job]
         client = key[1 : 1 + key[0]]
         self.job_started[job] = time.time()
+        if self.log_jobs:
+            self.job_event("sent", job, agent)
         self.send_agent(self.agent_ident[agent], wire.splice_new_job(self.job_frame[job], client))
 
     def forget_job(self, job: int) -> None:
@@ -218,6 +228,8 @@ class BrokerCore:
             self.dropped("agent", ident, f"message about job {job_id!r}, which is not running there")
             return
         if msgtype == AGENT_JOB_DONE:
+            if self.log_jobs:
+                self.job_event("done", job, agent)
             self.send_client(client, wire.splice_job_done(frame))
             self.forget_job(job)
             self.jobs_done += 1

@@ -134,6 +134,7 @@ class BrokerLogic:
         self.environments: dict[str, list] = {}
         self.bad_input = RateLimitedLog(logger)
         self.snapshot: QueueSnapshot | None = None
+        self.log_jobs = logger.isEnabledFor(logging.DEBUG)
         self._summary_at = time.monotonic()
         self._summary_done = 0
 
@@ -142,6 +143,17 @@ class BrokerLogic:
     def dropped(self, side: str, ident: bytes, reason: str) -> None:
         self.frames_dropped += 1
         self.bad_input.warning("dropped a frame from %s %s: %s", side, ident.hex(), reason)
+
+    def job_event(self, event: str, job: int, agent: int) -> None:
+        key = self.job_key[job]
+        client, job_id = key[1 : 1 + key[0]].hex(), key[1 + key[0]:].decode()
+        if event == "queued":
+            logger.debug("job %s %s queued for environment %s", client, job_id,
+                         self.sched.env_name(self.sched.job_env(job)))
+        else:
+            logger.debug("job %s %s %s agent %s (%s)", client, job_id,
+                         "sent to" if event == "sent" else "done on",
+                         self.agent_ident[agent].hex(), self.agent_name[agent])
 
     def internal_error(self, side: str, ident: bytes) -> None:
         self.frames_dropped += 1
