@@ -279,3 +279,71 @@ def test_cores_agree_on_random_conversations(script: list[tuple]) -> None:
             for name in pure:
                 expected = [comparable(f) for f in pure[name]]
                 assert [comparable(f) for f in other[name]] == expected, (impl, name)
+
+
+# -- the rare half, stepped deterministically on both cores ------------------------------
+
+
+def test_environment_versions_conflict_is_warned_and_both_agents_serve(harness: Harness, caplog) -> None:
+    harness.send("c1", pack(type="client_hello", name="me"))
+    harness.send("a1", agent_hello("one", 1, ["default"]))
+    newer = pack(type="agent_hello", friendly_name="two", available_job_slots=1,
+                 available_containers={"default": {"id": "sha256:other", "created": 5}})
+    with caplog.at_level("WARNING", logger="fastbackend.broker"):
+        harness.send("a2", newer)
+    assert any("default has several versions" in r.getMessage() for r in caplog.records)
+    harness.send("c1", new_job("j1"))
+    harness.send("c1", new_job("j2"))
+    assert len(harness.received("a1")) == 1 and len(harness.received("a2")) == 1
+    assert harness.broker.environments["default"][:2] == ["sha256:other", 5]  # the newest is the reference
+
+
+@pytest.mark.parametrize("containers", [
+    {"default": "sha256:x"},
+    {"default": {"id": "x"}},
+    {"default": {"id": 1, "created": 1}},
+    {"default": {"id": "x", "created": "yesterday"}},
+    {1: {"id": "x", "created": 1}},
+])
+def test_bad_environment_description_in_hello_is_dropped(harness: Harness, caplog, containers) -> None:
+    frame = pack(type="agent_hello", friendly_name="bad", available_job_slots=1,
+                 available_containers=containers)
+    with caplog.at_level("WARNING", logger="fastbackend.broker"):
+        harness.send("a1", frame)
+    assert any("bad agent_hello" in r.getMessage() for r in caplog.records)
+    assert harness.broker.agents == {}
+    harness.send("a1", agent_hello("good", 1, ["default"]))  # the same agent may still register
+    assert list(harness.broker.agents) == [b"a1"]
+
+
+def test_silent_agent_is_removed_after_six_missed_pings(harness: Harness) -> None:
+    harness.send("c1", pack(type="client_hello", name="me"))
+    harness.send("a1", agent_hello("quiet", 2, ["default", "java"]))
+    harness.send("a2", agent_hello("chatty", 1, ["default"]))
+    harness.send("c1", new_job("j1", "java"))
+    harness.send("c1", new_job("j2", "java"))
+    harness.received("c1")
+    for beat in range(6):
+        harness.broker.heartbeat()
+        harness.send("a2", pack(type="pong"))
+        assert b"a1" in harness.broker.agents, beat
+    harness.broker.heartbeat()  # seventh tick: six pings went unanswered
+    harness.settle()
+    assert list(harness.broker.agents) == [b"a2"]
+    frames = decode(harness.received("c1"))
+    crashes = [f for f in frames if f["type"] == "backend_job_done"]
+    assert sorted(f["job_id"] for f in crashes) == ["j1", "j2"]
+    assert all(f["result"] == ("crash", "Agent restarted") for f in crashes)
+    # java left with its only agent: clients are told; default stays (a2 offers it).
+    assert frames[-1] == {"type": "backend_update_containers", "available_containers": ("default",)}
+    pings = [f for f in decode(harness.received("a1")) if f["type"] == "ping"]
+    assert len(pings) == 6
+
+
+def test_agent_with_no_slot_runs_nothing_but_advertises(harness: Harness) -> None:
+    harness.send("c1", pack(type="client_hello", name="me"))
+    harness.send("a1", agent_hello("empty", 0, ["default"]))
+    assert decode(harness.received("c1"))[-1]["available_containers"] == ("default",)
+    harness.send("c1", new_job("j1"))
+    assert harness.received("a1") == []
+    assert harness.broker.sched.waiting_count() == 1
