@@ -258,7 +258,8 @@ cdef class BrokerCore:
         if self.log_jobs:
             self.job_event("queued", job, -1)
         if agent >= 0:
-            self._dispatch(job, agent)
+            # Straight from the received buffer: its scan is still valid.
+            self._send_new_job(job, agent, scan, data)
         return 0
 
     def dispatch(self, int job, int agent):
@@ -267,20 +268,23 @@ cdef class BrokerCore:
 
     cdef int _dispatch(self, int job, int agent) except -1:
         cdef Scan scan
-        cdef fb_zmq_msg_t out
         cdef bytes frame = self.job_frame[job]
+        # The frame was validated on arrival; scanning it again is cheaper than
+        # keeping every waiting job's field offsets.
+        scan_client_c(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame), &scan)
+        return self._send_new_job(job, agent, &scan, PyBytes_AS_STRING(frame))
+
+    cdef int _send_new_job(self, int job, int agent, const Scan* scan, const char* frame) except -1:
+        """Splice ``backend_new_job`` from a scanned ``client_new_job`` and send it."""
+        cdef fb_zmq_msg_t out
         cdef bytes key = self.job_key[job]
         cdef bytes agent_ident = self.agent_ident[agent]
         cdef const char* k = PyBytes_AS_STRING(key)
         cdef Py_ssize_t ident_len = <unsigned char>k[0]
-        cdef Py_ssize_t size
-        # The frame was validated on arrival; scanning it again is cheaper than
-        # keeping every waiting job's field offsets.
-        scan_client_c(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame), &scan)
-        size = new_job_size(&scan, ident_len)
+        cdef Py_ssize_t size = new_job_size(scan, ident_len)
         if lz.msg_init_size(&out, size) != 0:
             raise MemoryError()
-        written = write_new_job(<char*>lz.msg_data(&out), PyBytes_AS_STRING(frame), &scan, k + 1, ident_len)
+        written = write_new_job(<char*>lz.msg_data(&out), frame, scan, k + 1, ident_len)
         if FB_DEBUG and written != size:
             lz.msg_close(&out)
             raise AssertionError(f"backend_new_job spliced to {written} bytes, {size} announced")
