@@ -592,6 +592,28 @@ def test_integers_in_every_encoding(impl: Any) -> None:
 
 
 @each_impl
+def test_near_miss_keys_and_types(impl: Any) -> None:
+    """A key or type name one byte away from a real one (at any position) is unknown."""
+    for table, scan, example in (
+        (CLIENT_MESSAGES, impl.scan_client, KILL), (AGENT_MESSAGES, impl.scan_agent, DONE)
+    ):
+        names = {f for _code, fields in table.values() for f in fields} | {"type"}
+        for name in sorted(names):
+            for i in range(len(name)):
+                for other in ("_", "X", "\x80"):
+                    key = name[:i] + other + name[i + 1:]
+                    if key in names:
+                        continue
+                    frame = with_entry(example, str_bytes(key.encode("utf-8")), b"\xc0")
+                    assert outcome(scan, frame)[0] == "error"
+                    assert outcome(scan, frame)[1].startswith("unexpected key "), key
+        for msgtype in sorted(table):
+            for i in range(len(msgtype)):
+                wrong = msgtype[:i] + "X" + msgtype[i + 1:]
+                assert outcome(scan, pack({"type": wrong})) == ("error", f"unknown message type {wrong!r}")
+
+
+@each_impl
 def test_frame_too_large(impl: Any) -> None:
     frame = bytes(MAX_FRAME_SIZE + 1)  # zero pages: never touched, the length is checked first
     assert outcome(impl.scan_client, frame) == ("error", "frame too large")
