@@ -18,26 +18,19 @@ Differences from the stock 0.5 backend, on purpose:
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import zmq
 
 from . import protocol, sched, wire
+from ._select import twin
 from .protocol import WireError
 
 logger = logging.getLogger("fastbackend.broker")
 
-if os.environ.get("FASTBACKEND_NO_EXTENSIONS", "") not in ("", "0"):
-    from ._broker_py import BrokerCore
-else:
-    try:
-        from ._broker_c import BrokerCore
-    except ImportError as exc:  # pragma: no cover - a broken build must be noticed
-        logger.warning("compiled broker unavailable (%s): running the pure-Python one", exc)
-        from ._broker_py import BrokerCore
+_core, IMPL = twin("broker")
+BrokerCore = _core.BrokerCore
 
-IMPL: str = BrokerCore.IMPL
 
 #: An agent that has not answered this many pings in a row is removed.
 MAX_MISSED_PINGS = 6

@@ -7,24 +7,13 @@ a broken build must be loud, not merely slow).  ``IMPL`` says which one was chos
 
 from __future__ import annotations
 
-import logging
-import os
+from ._select import twin
 
-if os.environ.get("FASTBACKEND_NO_EXTENSIONS", "") not in ("", "0"):
-    from ._sched_py import JOB_FREE, JOB_RUNNING, JOB_WAITING, Scheduler
+_impl, IMPL = twin("sched")
 
-    IMPL = "py"
-else:
-    try:
-        from ._sched_c import JOB_FREE, JOB_RUNNING, JOB_WAITING, Scheduler
-
-        IMPL = "c"
-    except ImportError as error:
-        logging.getLogger(__name__).warning(
-            "compiled scheduler unavailable (%s); using the pure-Python one", error
-        )
-        from ._sched_py import JOB_FREE, JOB_RUNNING, JOB_WAITING, Scheduler
-
-        IMPL = "py"
+JOB_FREE = _impl.JOB_FREE
+JOB_RUNNING = _impl.JOB_RUNNING
+JOB_WAITING = _impl.JOB_WAITING
+Scheduler = _impl.Scheduler
 
 __all__ = ["IMPL", "JOB_FREE", "JOB_RUNNING", "JOB_WAITING", "Scheduler"]

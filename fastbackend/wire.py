@@ -78,9 +78,7 @@ C-level API for the broker (``_wire_c.pxd``).
 
 from __future__ import annotations
 
-import logging
-import os
-
+from fastbackend._select import twin
 from fastbackend.protocol import WireError
 
 __all__ = [
@@ -88,48 +86,13 @@ __all__ = [
     "splice_job_done", "splice_ssh_debug", "job_started", "job_key",
 ]
 
-IMPL: str
-if os.environ.get("FASTBACKEND_NO_EXTENSIONS", "") not in ("", "0"):
-    from fastbackend._wire_py import (
-        job_key,
-        job_started,
-        queue_fields,
-        scan_agent,
-        scan_client,
-        splice_job_done,
-        splice_new_job,
-        splice_ssh_debug,
-    )
+_impl, IMPL = twin("wire")
 
-    IMPL = "py"
-else:
-    try:
-        from fastbackend._wire_c import (
-            job_key,
-            job_started,
-            queue_fields,
-            scan_agent,
-            scan_client,
-            splice_job_done,
-            splice_new_job,
-            splice_ssh_debug,
-        )
-
-        IMPL = "c"
-    except ImportError as exc:
-        logging.getLogger(__name__).warning(
-            "fastbackend._wire_c failed to import (%s): using the much slower pure-Python wire "
-            "module; build the extensions or set FASTBACKEND_NO_EXTENSIONS=1 to choose it", exc,
-        )
-        from fastbackend._wire_py import (  # type: ignore[assignment]
-            job_key,
-            job_started,
-            queue_fields,
-            scan_agent,
-            scan_client,
-            splice_job_done,
-            splice_new_job,
-            splice_ssh_debug,
-        )
-
-        IMPL = "py"
+job_key = _impl.job_key
+job_started = _impl.job_started
+queue_fields = _impl.queue_fields
+scan_agent = _impl.scan_agent
+scan_client = _impl.scan_client
+splice_job_done = _impl.splice_job_done
+splice_new_job = _impl.splice_new_job
+splice_ssh_debug = _impl.splice_ssh_debug
