@@ -3,11 +3,13 @@
 For each bad input: the broker logs a WARNING line saying the frame was dropped, the peer
 that sent it is still served, and a normal job still runs end to end with fresh peers.
 Then the semantic cases (messages from agents that never said hello, results for jobs that
-are not running there, duplicate job ids and results), a flood of bad frames (bounded
-logging, prompt pongs), and a client that stops reading while 20,000 results pile up.
+are not running there, duplicate job ids and results, a client killing another's job), a
+flood of bad frames (bounded logging, prompt pongs), a client that stops reading while
+20,000 results pile up, and a ZMTP frame header claiming 1 GiB.
 
-The stock backend fails all of these (bad input ends its receive loop; it logs nothing
-about dropping), hence the module-wide ``stock_bug`` mark.
+Under ``FASTBACKEND_TEST_STOCK=1`` the stock backend fails all but the kill test (bad
+input ends its receive loop, it logs nothing as dropped, its ROUTER drops results at the
+high-water mark, it has no frame size limit): those tests carry ``stock_bug`` marks.
 """
 
 from __future__ import annotations
