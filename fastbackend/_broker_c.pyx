@@ -64,6 +64,11 @@ assert (CLIENT_HELLO, CLIENT_NEW_JOB, CLIENT_KILL_JOB, CLIENT_GET_QUEUE, PING, P
     protocol.PING, protocol.PONG, protocol.AGENT_HELLO, protocol.AGENT_JOB_STARTED,
     protocol.AGENT_JOB_DONE, protocol.AGENT_JOB_SSH_DEBUG)
 
+cdef enum:
+    FRAME_WEIGHT = 64 * 1024   # bytes that count as one more message in a drain's budget
+
+BYTES_PER_MESSAGE = FRAME_WEIGHT  # must equal _broker_py.BYTES_PER_MESSAGE (a test checks)
+
 cdef bytes PONG_FRAME = protocol.PONG_FRAME
 cdef bytes UNKNOWN_FRAME = protocol.UNKNOWN_FRAME
 
@@ -188,6 +193,9 @@ cdef class BrokerCore:
                     frames += 1
                     more = lz.msg_more(&extra)
                     lz.msg_close(&extra)
+                # Big frames weigh more (see _broker_py.BYTES_PER_MESSAGE); the extra
+                # frames of a malformed message are not counted.
+                budget -= <int>(lz.msg_size(&body) // FRAME_WEIGHT)
             try:
                 if frames != 1:
                     self.dropped(side, self._ident(&ident),

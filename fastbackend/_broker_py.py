@@ -47,6 +47,12 @@ from .protocol import (
 JOB_RUNNING = sched.JOB_RUNNING
 
 
+#: Bytes of payload that count as one more message against a drain's budget: a batch
+#: of big results (1 MiB archives are spliced, so copied) must not hold the loop for
+#: as long as 256 of them would take.
+BYTES_PER_MESSAGE = 64 * 1024
+
+
 class BrokerCore:
     """Per-job routing between clients and agents; see the module docstring."""
 
@@ -134,11 +140,12 @@ class BrokerCore:
         )
 
     def _drain(self, socket: zmq.Socket, budget: int, handler, side: str) -> None:
-        for _ in range(budget):
+        while budget > 0:
             try:
                 parts = socket.recv_multipart(zmq.DONTWAIT, copy=True)
             except zmq.Again:
                 return
+            budget -= 1 + (len(parts[1]) // BYTES_PER_MESSAGE if len(parts) > 1 else 0)
             if len(parts) != 2:
                 self.dropped(side, parts[0], f"{len(parts) - 1} frames in one message, expected 1")
                 continue

@@ -347,3 +347,26 @@ def test_agent_with_no_slot_runs_nothing_but_advertises(harness: Harness) -> Non
     harness.send("c1", new_job("j1"))
     assert harness.received("a1") == []
     assert harness.broker.sched.waiting_count() == 1
+
+
+def test_big_frames_weigh_more_in_a_drain(harness: Harness) -> None:
+    """A batch of 1 MiB results must not hold the loop as long as a batch of small ones."""
+    if "c" in CORES:
+        assert _broker_c.BYTES_PER_MESSAGE == _broker_py.BYTES_PER_MESSAGE
+    harness.send("c1", pack(type="client_hello", name="me"))
+    harness.send("a1", agent_hello("big", 40, ["default"]))
+    for i in range(40):
+        harness.peer("c1").send(new_job(f"j{i}"))
+    harness.settle()
+    jobs = [protocol.decode(f)["job_id"] for f in harness.received("a1")]
+    assert len(jobs) == 40
+    harness.received("c1")  # the environment lists
+    archive = bytes(1024 * 1024)
+    for job_id in jobs:
+        harness.peer("a1").send(pack(type="agent_job_done", job_id=job_id, result=("success", ""), grade=1.0,
+                                     problems={}, tests={}, custom={}, archive=archive, stdout="", stderr=""))
+    assert harness.broker.drain(256)  # 40 frames of 16 weights each exceed one budget of 256
+    first_batch = len(harness.received("c1"))
+    assert 10 <= first_batch < 40
+    harness.settle()
+    assert first_batch + len(harness.received("c1")) == 40
