@@ -255,7 +255,8 @@ cdef class BrokerCore:
             env = self.env_ids[env_name] = self.sched.env_id(env_name.decode())
         job = self.sched.c_submit(env, &agent)
         if job >= len(self.job_key):
-            grow = job + 1 - len(self.job_key)
+            # Doubling: the scheduler hands out indices one above the highest in use.
+            grow = max(job + 1 - len(self.job_key), len(self.job_key))
             self.job_key.extend([None] * grow)
             self.job_frame.extend([None] * grow)
             self.job_started.extend([0.0] * grow)

@@ -185,7 +185,8 @@ class BrokerCore:
             return
         job, agent = self.sched.submit(self.sched.env_id(environment))
         if job >= len(self.job_key):
-            grow = job + 1 - len(self.job_key)
+            # Doubling: the scheduler hands out indices one above the highest in use.
+            grow = max(job + 1 - len(self.job_key), len(self.job_key))
             self.job_key.extend([None] * grow)
             self.job_frame.extend([None] * grow)
             self.job_started.extend([0.0] * grow)
