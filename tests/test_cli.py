@@ -127,3 +127,31 @@ def test_unknown_loop_is_refused():
                 FASTBACKEND_LOOP="tokio")
     assert done.returncode != 0
     assert "FASTBACKEND_LOOP" in done.stderr
+
+
+BLOCK_COMPILED = """
+import sys
+
+class _BlockCompiled:
+    # Make every compiled twin fail to import, as a broken build would.
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith("fastbackend._") and name.endswith("_c"):
+            raise ImportError(name + " blocked by the test")
+        return None
+
+sys.meta_path.insert(0, _BlockCompiled())
+"""
+
+
+def test_a_broken_build_cannot_pass_for_the_compiled_broker(tmp_path):
+    """If the compiled modules do not import, the broker says so and the fixture refuses it:
+    the "c" configurations can never silently test the pure-Python broker."""
+    (tmp_path / "sitecustomize.py").write_text(BLOCK_COMPILED)
+    broker = _broker(tmp_path, extra_env={"PYTHONPATH": str(tmp_path)})
+    try:
+        with pytest.raises(AssertionError):
+            broker.start_on_free_ports()
+        assert "pure-python" in broker.log().lower()
+    finally:
+        if broker.proc is not None:
+            broker.stop()

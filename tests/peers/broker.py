@@ -85,6 +85,7 @@ class BrokerProcess:
         client_addr: str | None = None,
         verbose: bool = False,
         extra_args: tuple[str, ...] = (),
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.config = config
         self.log_path = log_path
@@ -92,6 +93,7 @@ class BrokerProcess:
         self.client_addr = client_addr or free_tcp_address()
         self.verbose = verbose
         self.extra_args = extra_args
+        self.extra_env = extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0  # log bytes written by earlier runs of this object
 
@@ -101,6 +103,7 @@ class BrokerProcess:
         env = dict(os.environ)
         env.pop("FASTBACKEND_NO_EXTENSIONS", None)
         env.pop("FASTBACKEND_LOOP", None)
+        env.update(self.extra_env)
         args = [self.agent_addr, self.client_addr, *self.extra_args] + (["-v"] if self.verbose else [])
         if self.config.is_stock:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")]))
