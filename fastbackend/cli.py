@@ -11,8 +11,6 @@ import sys
 
 import zmq
 
-from .server import Backend
-
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"  # the stock backend's
 
 
@@ -50,6 +48,9 @@ def serve(args: argparse.Namespace) -> int:
     root = logging.getLogger("fastbackend")
     root.setLevel(level)
     root.addHandler(handler)
+    # Imported once logging is set up: a compiled module that fails to import says so
+    # in the operator's log format.
+    from .server import Backend
 
     loop = new_event_loop()
     asyncio.set_event_loop(loop)

@@ -370,3 +370,47 @@ def test_big_frames_weigh_more_in_a_drain(harness: Harness) -> None:
     assert 10 <= first_batch < 40
     harness.settle()
     assert first_batch + len(harness.received("c1")) == 40
+
+
+def test_no_memory_growth_over_rounds_of_jobs(harness: Harness) -> None:
+    """Rounds of jobs (run, killed, crashed with their agent) leave nothing behind."""
+    import tracemalloc
+
+    def one_round(round_no: int) -> None:
+        harness.send("a1", agent_hello("worker", 4, ["default"]))
+        for i in range(300):
+            harness.peer("c1").send(new_job(f"r{round_no}-{i}"))
+        harness.peer("c1").send(new_job(f"r{round_no}-waiting", environment="absent"))
+        harness.settle()
+        harness.send("c1", pack(type="client_kill_job", job_id=f"r{round_no}-waiting"))
+        done = 0
+        while done < 296:  # all but the 4 that are still running when the agent goes away
+            jobs = [m["job_id"] for m in decode(harness.received("a1")) if m["type"] == "backend_new_job"]
+            assert jobs, "the broker stopped dispatching"
+            for job_id in jobs[: 296 - done]:
+                harness.peer("a1").send(job_done(job_id))
+                done += 1
+            harness.settle()
+        for _ in range(7):  # the agent stops answering: removed, its 4 jobs crash
+            harness.broker.heartbeat()
+        harness.settle()
+        harness.received("a1")
+        results = [f for f in decode(harness.received("c1")) if f["type"] == "backend_job_done"]
+        assert len(results) == 301
+        assert harness.broker.jobs == {} and harness.broker.agents == {}
+        assert harness.broker.sched.waiting_count() == 0 and harness.broker.sched.running_count() == 0
+
+    harness.send("c1", pack(type="client_hello", name="me"))
+    one_round(0)
+    one_round(1)
+    tracemalloc.start()
+    try:
+        one_round(2)
+        before = tracemalloc.get_traced_memory()[0]
+        for round_no in range(3, 6):
+            one_round(round_no)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 64 * 1024, f"{grown} bytes more after three more rounds"
+    assert len(harness.broker.job_key) <= 1024 and len(harness.broker.agent_ident) <= 2
