@@ -264,6 +264,8 @@ cdef class BrokerCore:
         self.job_key[job] = key
         self.job_frame[job] = PyBytes_FromStringAndSize(data, size)
         self.jobs_submitted += 1
+        if FB_DEBUG:
+            self._check_counts()
         if self.log_jobs:
             self.job_event("queued", job, -1)
         if agent >= 0:
@@ -302,6 +304,14 @@ cdef class BrokerCore:
             self.job_event("sent", job, agent)
         self._send_msg(self.agent_handle, PyBytes_AS_STRING(agent_ident), PyBytes_GET_SIZE(agent_ident),
                        &out, "agent")
+        return 0
+
+    cdef int _check_counts(self) except -1:
+        """Debug build: every job the broker knows is waiting or running, and no other."""
+        cdef Py_ssize_t known = len(self.jobs)
+        cdef Py_ssize_t scheduled = self.sched.n_waiting + self.sched.n_running
+        if known != scheduled:
+            raise AssertionError(f"broker knows {known} jobs, the scheduler holds {scheduled}")
         return 0
 
     def forget_job(self, int job):
@@ -362,5 +372,7 @@ cdef class BrokerCore:
             following = self.sched.c_finish(job)
             if following >= 0:
                 self._dispatch(following, agent)
+            if FB_DEBUG:
+                self._check_counts()
         return 0
 
