@@ -45,24 +45,17 @@ cdef extern from *:
     """
     const int FB_DEBUG
 
-cdef enum:
-    CLIENT_HELLO = 1
-    CLIENT_NEW_JOB = 2
-    CLIENT_KILL_JOB = 3
-    CLIENT_GET_QUEUE = 4
-    PING = 5
-    PONG = 6
-    AGENT_HELLO = 7
-    AGENT_JOB_STARTED = 8
-    AGENT_JOB_DONE = 9
-    AGENT_JOB_SSH_DEBUG = 10
-
-# The codes above must be the protocol's; checked once at import rather than trusted.
-assert (CLIENT_HELLO, CLIENT_NEW_JOB, CLIENT_KILL_JOB, CLIENT_GET_QUEUE, PING, PONG, AGENT_HELLO,
-        AGENT_JOB_STARTED, AGENT_JOB_DONE, AGENT_JOB_SSH_DEBUG) == (
-    protocol.CLIENT_HELLO, protocol.CLIENT_NEW_JOB, protocol.CLIENT_KILL_JOB, protocol.CLIENT_GET_QUEUE,
-    protocol.PING, protocol.PONG, protocol.AGENT_HELLO, protocol.AGENT_JOB_STARTED,
-    protocol.AGENT_JOB_DONE, protocol.AGENT_JOB_SSH_DEBUG)
+# Message type codes, taken from protocol (module-level C ints, read as fast as literals).
+cdef int CLIENT_HELLO = protocol.CLIENT_HELLO
+cdef int CLIENT_NEW_JOB = protocol.CLIENT_NEW_JOB
+cdef int CLIENT_KILL_JOB = protocol.CLIENT_KILL_JOB
+cdef int CLIENT_GET_QUEUE = protocol.CLIENT_GET_QUEUE
+cdef int PING = protocol.PING
+cdef int PONG = protocol.PONG
+cdef int AGENT_HELLO = protocol.AGENT_HELLO
+cdef int AGENT_JOB_STARTED = protocol.AGENT_JOB_STARTED
+cdef int AGENT_JOB_DONE = protocol.AGENT_JOB_DONE
+cdef int AGENT_JOB_SSH_DEBUG = protocol.AGENT_JOB_SSH_DEBUG
 
 cdef enum:
     FRAME_WEIGHT = 64 * 1024   # bytes that count as one more message in a drain's budget
