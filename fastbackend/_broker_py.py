@@ -202,7 +202,7 @@ class BrokerCore:
     def dispatch(self, job: int, agent: int) -> None:
         """Send a job the scheduler has just started on ``agent``."""
         key = self.job_key[job]
-        client = key[1 : 1 + key[0]]
+        client = wire.key_client(key)
         self.job_started[job] = time.time()
         if self.log_jobs:
             self.job_event("sent", job, agent)

@@ -83,8 +83,8 @@ class QueueSnapshot:
         for job in broker.sched.running_jobs():
             job_id, course_id, task_id, launcher, time_limit = wire.queue_fields(broker.job_frame[job])
             started = int(broker.job_started[job])
-            key = broker.job_key[job]
-            self.running.append((job_id, key[1 : 1 + key[0]], broker.agent_name[broker.sched.job_agent(job)],
+            self.running.append((job_id, wire.key_client(broker.job_key[job]),
+                                 broker.agent_name[broker.sched.job_agent(job)],
                                  f"{course_id}/{task_id}", launcher, started, started + time_limit))
         self.jobs = broker.sched.waiting_jobs()
         self.keys = [broker.job_key[job] for job in self.jobs]
@@ -98,8 +98,8 @@ class QueueSnapshot:
         for job, key in zip(self.jobs[self.position:end], self.keys[self.position:end], strict=True):
             if job_key[job] is key:
                 job_id, course_id, task_id, launcher, time_limit = wire.queue_fields(job_frame[job])
-                owner = key[1 : 1 + key[0]]
-                self.waiting.append((job_id, owner, f"{course_id}/{task_id}", launcher, time_limit))
+                self.waiting.append(
+                    (job_id, wire.key_client(key), f"{course_id}/{task_id}", launcher, time_limit))
         self.position = end
         return end == len(self.jobs)
 
@@ -140,8 +140,8 @@ class BrokerLogic:
         self.bad_input.warning("dropped a frame from %s %s: %s", side, ident.hex(), reason)
 
     def job_event(self, event: str, job: int, agent: int) -> None:
-        key = self.job_key[job]
-        client, job_id = key[1 : 1 + key[0]].hex(), key[1 + key[0]:].decode()
+        client, job_id = wire.split_key(self.job_key[job])
+        client = client.hex()
         if event == "queued":
             logger.debug("job %s %s queued for environment %s", client, job_id,
                          self.sched.env_name(self.sched.job_env(job)))
@@ -269,9 +269,7 @@ class BrokerLogic:
         ident = self.agent_ident[agent]
         logger.warning("agent %s (%s) %s: removing it", ident.hex(), self.agent_name[agent], why)
         for job in self.sched.remove_agent(agent):
-            key = self.job_key[job]
-            client = key[1 : 1 + key[0]]
-            job_id = key[1 + key[0]:].decode()
+            client, job_id = wire.split_key(self.job_key[job])
             self.forget_job(job)
             self.send_client(client, protocol.job_done_frame(job_id, "crash", "Agent restarted"))
         del self.agents[ident]

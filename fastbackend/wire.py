@@ -83,7 +83,7 @@ from fastbackend.protocol import WireError
 
 __all__ = [
     "IMPL", "WireError", "scan_client", "queue_fields", "splice_new_job", "scan_agent",
-    "splice_job_done", "splice_ssh_debug", "job_started", "job_key",
+    "splice_job_done", "splice_ssh_debug", "job_started", "job_key", "key_client", "split_key",
 ]
 
 _impl, IMPL = twin("wire")
@@ -96,3 +96,13 @@ scan_client = _impl.scan_client
 splice_job_done = _impl.splice_job_done
 splice_new_job = _impl.splice_new_job
 splice_ssh_debug = _impl.splice_ssh_debug
+
+
+def key_client(key: bytes) -> bytes:
+    """The client identity inside a ``job_key``."""
+    return key[1 : 1 + key[0]]
+
+
+def split_key(key: bytes) -> tuple[bytes, str]:
+    """A ``job_key`` back into (client identity, job id): the inverse of ``job_key``."""
+    return key_client(key), key[1 + key[0] :].decode()
