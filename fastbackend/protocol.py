@@ -133,7 +133,3 @@ def get_queue_frame(jobs_running: list[tuple], jobs_waiting: list[tuple]) -> byt
 
 def kill_job_frame(client_identity: bytes, job_id: str) -> bytes:
     return encode("backend_kill_job", job_id=(client_identity, job_id))
-
-
-def job_started_frame(job_id: str) -> bytes:
-    return encode("backend_job_started", job_id=job_id)

@@ -374,10 +374,12 @@ def test_job_started_and_job_key(impl: Any) -> None:
     for job_id in ("", str(uuid.uuid4()), "é" * 40, "x" * 300, "y" * 70_000):
         frame = impl.job_started(job_id)
         assert protocol.decode(frame) == {"type": "backend_job_started", "job_id": job_id}
-        assert protocol.decode(frame) == protocol.decode(protocol.job_started_frame(job_id))
+        reference = protocol.encode("backend_job_started", job_id=job_id)
+        assert protocol.decode(frame) == protocol.decode(reference)
         for ident in (b"\x00", b"\x00k\x8bEg", bytes(range(255))):
             key = impl.job_key(ident, job_id)
             assert key == bytes((len(ident),)) + ident + job_id.encode("utf-8")
+            assert wire.split_key(key) == (ident, job_id) and wire.key_client(key) == ident
     for ident in (b"", bytes(256)):
         assert outcome(impl.job_key, ident, "j") == ("error", "client identity must be 1..255 bytes")
         assert outcome(impl.splice_new_job, pack(new_job()), ident) == (
