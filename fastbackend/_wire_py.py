@@ -6,11 +6,14 @@ in ``fastbackend/wire.py``, the module the rest of the package imports.  This fi
 return the same result or raise ``WireError`` with the same reason; the tests hold them
 to it.
 
-How a frame is read: one pass over the top-level map.  Each key is looked up among the
-fields of *any* message of that side (client or agent); each field has one *kind* that
-says how its value is checked (a typed field the broker reads, or a pass-through value
-that is only skipped).  Only after the pass, once the ``type`` value is known, is the
-key set compared with the declared fields of that type.  Pass-through values are skipped
+How a frame is read: one pass over the top-level map, with the tables of one side
+(client or agent) of one dialect.  Each key is looked up among the fields of *any*
+message of that side; each field has one *kind* that says how its value is checked (a
+typed field the broker reads, or a pass-through value that is only skipped).  Only after
+the pass, once the type key's value is known, is the key set compared with the declared
+fields of that type.  A key that is no field of the side but another dialect's type key
+(``type`` / ``@type``) means the frame is in that dialect: ``WrongDialect`` says which,
+and the caller may scan it again with those tables.  Pass-through values are skipped
 without building objects, iteratively, with an explicit stack bounded by ``MAX_DEPTH``.
 """
 
@@ -24,32 +27,37 @@ from fastbackend.protocol import (
     AGENT_JOB_SSH_DEBUG,
     CLIENT_NEW_JOB,
     MAX_FRAME_SIZE,
+    V05,
+    V09,
+    Dialect,
     WireError,
+    WrongDialect,
 )
 
 #: Most containers open at once, counting the message's own map as the first.
 MAX_DEPTH = 512
 #: Most top-level entries a frame may have (no message has more than 12).
 MAX_FIELDS = 16
+#: A priority beyond int64 is served as the largest one (the scheduler keeps int64).
+PRIORITY_MAX = (1 << 63) - 1
 
-# Field kinds: how the scanner checks a field's value.
+# Field kinds: how the scanner checks a field's value (a dialect's ``*_kinds`` tables
+# name the typed fields; every other field is "any").
 #   "any"     pass-through: any well-formed value, skipped;
 #   "str"     a str holding valid UTF-8 (the broker turns it into a Python str);
 #   "int"     any msgpack integer;
 #   "uint"    a msgpack integer >= 0;
 #   "map"     a map with well-formed (pass-through) contents;
-#   "job_pair" the agent-side job id: a 2-array [bin client_identity (1..255 bytes), str job id].
-_CLIENT_TYPED = {
-    "job_id": "str", "course_id": "str", "task_id": "str", "environment": "str", "launcher": "str",
-    "time_limit": "int", "hard_time_limit": "int", "mem_limit": "int", "name": "str",
-}
-_AGENT_TYPED = {
-    "job_id": "job_pair", "friendly_name": "str", "available_job_slots": "uint",
-    "available_containers": "map",
-}
+#   "job_pair" the 0.5 agent-side job id: a 2-array [bin client_identity (1..255 bytes), str job id].
+#
+# Captures: the values routing needs, found while scanning (a str field named "job_id",
+# "environment" or "environment_type"; the int "priority"; the job_pair's two parts).
+
+_TYPE_GID = -1  # the type key's entry, in field ids and in Entry.field
 
 
-def _field_kinds(messages: dict[str, tuple[int, tuple[str, ...]]], typed: dict[str, str]) -> dict[str, str]:
+def field_kinds(messages: dict[str, tuple[int, tuple[str, ...]]], typed: dict[str, str]) -> dict[str, str]:
+    """The kind of every field of one side, in first-declaration order (``_wire_c`` builds the same)."""
     kinds: dict[str, str] = {}
     for _code, fields in messages.values():
         for name in fields:
@@ -57,55 +65,63 @@ def _field_kinds(messages: dict[str, tuple[int, tuple[str, ...]]], typed: dict[s
     return kinds
 
 
-#: The kind of every field a client may send, in first-declaration order (``_wire_c`` has the same).
-CLIENT_FIELD_KINDS: dict[str, str] = _field_kinds(protocol.CLIENT_MESSAGES, _CLIENT_TYPED)
-#: The kind of every field an agent may send.
-AGENT_FIELD_KINDS: dict[str, str] = _field_kinds(protocol.AGENT_MESSAGES, _AGENT_TYPED)
-
-# Names of the frames the backend builds by splicing.
-_BACKEND_NEW_JOB = b"backend_new_job"
-_BACKEND_JOB_DONE = b"backend_job_done"
-_BACKEND_JOB_SSH_DEBUG = b"backend_job_ssh_debug"
-_BACKEND_JOB_STARTED = b"backend_job_started"
-
-_TYPE_GID = -1  # the "type" entry, in field ids and in Entry.field
-
-_NEW_JOB_FIELDS = protocol.CLIENT_MESSAGES["client_new_job"][1]
-_NJ_JOB_ID = _NEW_JOB_FIELDS.index("job_id")
-_NJ_COURSE_ID = _NEW_JOB_FIELDS.index("course_id")
-_NJ_TASK_ID = _NEW_JOB_FIELDS.index("task_id")
-_NJ_TIME_LIMIT = _NEW_JOB_FIELDS.index("time_limit")
-_NJ_LAUNCHER = _NEW_JOB_FIELDS.index("launcher")
-_AG_JOB_ID = 0  # job_id is the first field of agent_job_done and agent_job_ssh_debug
-assert protocol.AGENT_MESSAGES["agent_job_done"][1][_AG_JOB_ID] == "job_id"
-assert protocol.AGENT_MESSAGES["agent_job_ssh_debug"][1][_AG_JOB_ID] == "job_id"
-
-
 class _MessageType(NamedTuple):
     code: int
     name: str
-    mask: int  # bit gid+1 for each declared field, bit 0 for "type"
+    mask: int  # bit gid+1 for each declared field, bit 0 for the type key
     index: dict[int, int]  # field id -> index in this message's declaration order
+    fields: tuple[str, ...]
+
+
+class _SpliceRule(NamedTuple):
+    """A protocol.Splice resolved against one incoming message's declaration order."""
+
+    out_type: bytes
+    drop: frozenset[int]
+    job_id: str | None
 
 
 class _Side:
-    """The messages one kind of peer may send, as tables keyed by raw key bytes."""
+    """The messages one kind of peer may send in one dialect, as tables keyed by raw key bytes."""
 
-    def __init__(self, messages: dict[str, tuple[int, tuple[str, ...]]], kinds: dict[str, str]) -> None:
+    def __init__(self, dialect: Dialect, messages: dict[str, tuple[int, tuple[str, ...]]],
+                 typed: dict[str, str]) -> None:
+        kinds = field_kinds(messages, typed)
+        self.dialect = dialect.tag
+        self.type_key = dialect.type_key.encode()
+        # The type keys of the other dialects: meeting one means the frame is theirs.
+        self.foreign = {d.type_key.encode(): d.tag for d in protocol.DIALECTS if d.tag != dialect.tag}
         self.names = list(kinds)  # field id -> name
         self.kinds = [kinds[name] for name in self.names]
         self.ids = {name.encode(): gid for gid, name in enumerate(self.names)}
         self.types = {}
+        self.by_code = {}
         for msgname, (code, fields) in messages.items():
             mask = 1
             for name in fields:
                 mask |= 1 << (self.ids[name.encode()] + 1)
             index = {self.ids[name.encode()]: i for i, name in enumerate(fields)}
-            self.types[msgname.encode()] = _MessageType(code, msgname, mask, index)
+            self.types[msgname.encode()] = self.by_code[code] = _MessageType(code, msgname, mask, index, fields)
+
+    def rule(self, code: int, splice: protocol.Splice) -> _SpliceRule:
+        fields = self.by_code[code].fields
+        # Field 0 is the job id in every message that is spliced (the splicers rely on it).
+        assert fields[0] == "job_id"
+        return _SpliceRule(splice.out_type.encode(), frozenset(fields.index(f) for f in splice.drop),
+                           splice.job_id)
 
 
-_CLIENT = _Side(protocol.CLIENT_MESSAGES, CLIENT_FIELD_KINDS)
-_AGENT = _Side(protocol.AGENT_MESSAGES, AGENT_FIELD_KINDS)
+_CLIENT = [_Side(d, d.client_messages, d.client_kinds) for d in protocol.DIALECTS]
+_AGENT = [_Side(d, d.agent_messages, d.agent_kinds) for d in protocol.DIALECTS]
+_NEW_JOB = [side.rule(CLIENT_NEW_JOB, d.new_job) for side, d in zip(_CLIENT, protocol.DIALECTS, strict=True)]
+_JOB_DONE = [side.rule(AGENT_JOB_DONE, d.job_done) for side, d in zip(_AGENT, protocol.DIALECTS, strict=True)]
+_SSH_DEBUG = [side.rule(AGENT_JOB_SSH_DEBUG, d.ssh_debug) for side, d in zip(_AGENT, protocol.DIALECTS, strict=True)]
+_JOB_STARTED = [d.job_started_type.encode() for d in protocol.DIALECTS]
+_TYPE_KEYS = [d.type_key.encode() for d in protocol.DIALECTS]
+
+#: The kind of every field a client / an agent may send, per dialect tag (``_wire_c`` has the same).
+CLIENT_FIELD_KINDS = [dict(zip(side.names, side.kinds, strict=True)) for side in _CLIENT]
+AGENT_FIELD_KINDS = [dict(zip(side.names, side.kinds, strict=True)) for side in _AGENT]
 
 
 class _Scan(NamedTuple):
@@ -114,8 +130,11 @@ class _Scan(NamedTuple):
     code: int
     entries: list[tuple[int, int, int, int]]  # (key_start, val_start, val_end, field), frame order
     job_id: tuple[int, int] | None  # (start, length) of the job id's UTF-8 bytes
-    ident: tuple[int, int] | None  # (start, length) of the client identity (agent side)
+    ident: tuple[int, int] | None  # (start, length) of the client identity (0.5 agent side)
     env: tuple[int, int] | None  # (start, length) of the environment's UTF-8 bytes
+    env_type: tuple[int, int] | None  # (start, length) of the environment type's (0.9)
+    priority: int  # the job's priority (0.9 client_new_job), clamped to int64; 0 otherwise
+    side: _Side
 
 
 def _show(raw: bytes) -> str:
@@ -310,8 +329,33 @@ def _job_pair(buf: bytes, pos: int, n: int) -> tuple[int, int, int, int, int]:
     return ident_start, ident_len, start, length, start + length
 
 
+def _foreign_dialect(buf: bytes, pos: int, left: int, side: _Side) -> int:
+    """Whether one of the ``left`` entries from ``pos`` has another dialect's type key.
+
+    Only asked once a key has turned out unknown: the real 0.9 peers write ``@type``
+    last, so a 0.9 frame read as 0.5 meets a 0.9-only field first.  -1 when none is
+    found (or the rest does not read), and the unknown key is reported as such.
+    """
+    n = len(buf)
+    try:
+        for _ in range(left):
+            found = _str(buf, pos, n)
+            if found is None:
+                return -1
+            key = buf[found[0]:found[0] + found[1]]
+            if key in side.foreign:
+                return side.foreign[key]
+            pos = _skip(buf, found[0] + found[1], n, 1)
+    except WireError:
+        return -1
+    return -1
+
+
 def _scan(buf: bytes, side: _Side) -> _Scan:
-    """Check a whole frame against one side's messages and find the spans the broker needs."""
+    """Check a whole frame against one side's messages and find the spans the broker needs.
+
+    Raises WrongDialect when the frame carries another dialect's type key.
+    """
     n = len(buf)
     if n > MAX_FRAME_SIZE:
         raise WireError("frame too large")
@@ -330,8 +374,9 @@ def _scan(buf: bytes, side: _Side) -> _Scan:
 
     seen = 0
     entries = []
-    type_span = job_id = ident = env = None
-    for _ in range(count):
+    type_span = job_id = ident = env = env_type = None
+    priority = 0
+    for i in range(count):
         key_start = pos
         found = _str(buf, pos, n)
         if found is None:
@@ -341,7 +386,10 @@ def _scan(buf: bytes, side: _Side) -> _Scan:
         pos = start + length
         gid = side.ids.get(key)
         if gid is None:
-            if key != b"type":
+            if key != side.type_key:
+                other = _foreign_dialect(buf, key_start, count - i, side)
+                if other >= 0:
+                    raise WrongDialect(other)
                 raise WireError(f"unexpected key {_show(key)}")
             gid = _TYPE_GID
         bit = 1 << (gid + 1)
@@ -352,7 +400,7 @@ def _scan(buf: bytes, side: _Side) -> _Scan:
         if gid == _TYPE_GID:
             type_span = _str(buf, pos, n)
             if type_span is None:
-                raise WireError("type must be a str")
+                raise WireError(f"{side.type_key.decode()} must be a str")
             pos = type_span[0] + type_span[1]
         else:
             name = side.names[gid]
@@ -369,6 +417,8 @@ def _scan(buf: bytes, side: _Side) -> _Scan:
                     job_id = found
                 elif name == "environment":
                     env = found
+                elif name == "environment_type":
+                    env_type = found
             elif kind in ("int", "uint"):
                 found = _int(buf, pos, n)
                 if found is None:
@@ -376,6 +426,8 @@ def _scan(buf: bytes, side: _Side) -> _Scan:
                 if kind == "uint" and found[0] < 0:
                     raise WireError(f"{name} must be >= 0")
                 pos = found[1]
+                if name == "priority":
+                    priority = min(found[0], PRIORITY_MAX)
             elif kind == "map":
                 if pos >= n:
                     raise _truncated()
@@ -392,7 +444,7 @@ def _scan(buf: bytes, side: _Side) -> _Scan:
         raise WireError("trailing bytes after message")
 
     if type_span is None:
-        raise WireError("missing key 'type'")
+        raise WireError(f"missing key {side.type_key.decode()!r}")
     msgtype = side.types.get(buf[type_span[0]:type_span[0] + type_span[1]])
     if msgtype is None:
         raise WireError(f"unknown message type {_show(buf[type_span[0]:type_span[0] + type_span[1]])}")
@@ -407,7 +459,7 @@ def _scan(buf: bytes, side: _Side) -> _Scan:
     entries = [
         (k, v, e, -1 if gid == _TYPE_GID else msgtype.index[gid]) for (k, v, e, gid) in entries
     ]
-    return _Scan(msgtype.code, entries, job_id, ident, env)
+    return _Scan(msgtype.code, entries, job_id, ident, env, env_type, priority, side)
 
 
 def _text(buf: bytes, span: tuple[int, int] | None) -> str | None:
@@ -444,20 +496,22 @@ def _bin_header(length: int) -> bytes:
     return b"\xc6" + length.to_bytes(4, "big")
 
 
-def _splice(buf: bytes, scan: _Scan, count: int, type_name: bytes, job_id_value: bytes, drop: int) -> bytes:
-    """Rebuild a frame: ``type`` and ``job_id`` values replaced, entry ``drop`` removed.
+def _splice(buf: bytes, scan: _Scan, rule: _SpliceRule, job_id_value: bytes | None) -> bytes:
+    """Rebuild a frame: the type key's value becomes ``rule.out_type``, the job id's value
+    ``job_id_value`` (None: kept), the entries ``rule.drop`` are removed.
 
     Entries are contiguous in the frame, so the untouched ones between two changed
     entries are copied as one span.
     """
-    out = [_map_header(count)]
+    out = [_map_header(len(scan.entries) - len(rule.drop))]
     run = scan.entries[0][0] if scan.entries else len(buf)
     for key_start, val_start, val_end, field in scan.entries:
         if field == -1:
-            out += (buf[run:key_start], buf[key_start:val_start], _str_header(len(type_name)), type_name)
-        elif field == 0:  # job_id: the first field of every spliced message
+            out += (buf[run:key_start], buf[key_start:val_start], _str_header(len(rule.out_type)),
+                    rule.out_type)
+        elif field == 0 and job_id_value is not None:  # job_id: field 0 of every spliced message
             out += (buf[run:key_start], buf[key_start:val_start], job_id_value)
-        elif field == drop:
+        elif field in rule.drop:
             out.append(buf[run:key_start])
         else:
             continue
@@ -466,98 +520,140 @@ def _splice(buf: bytes, scan: _Scan, count: int, type_name: bytes, job_id_value:
     return b"".join(out)
 
 
-# -- the API --------------------------------------------------------------------------
-
-def scan_client(frame: bytes) -> tuple[int, str | None, str | None]:
-    """Check a client frame: (type code, job_id, environment).
-
-    job_id is set for client_new_job and client_kill_job, environment for
-    client_new_job; both are None otherwise.  Raises WireError.
-    """
-    scan = _scan(frame, _CLIENT)
-    return scan.code, _text(frame, scan.job_id), _text(frame, scan.env)
+def _value(frame: bytes, scan: _Scan, name: str) -> tuple[int, int]:
+    """The (start, end) of the value of the declared field ``name`` of a scanned message."""
+    index = scan.side.by_code[scan.code].fields.index(name)
+    for _k, val_start, val_end, field in scan.entries:
+        if field == index:
+            return val_start, val_end
+    raise AssertionError(f"{name} not in a scanned message that declares it")  # key set was checked
 
 
-def queue_fields(frame: bytes) -> tuple[str, str, str, str, int]:
-    """For a client_new_job frame: (job_id, course_id, task_id, launcher, time_limit)."""
-    scan = _scan(frame, _CLIENT)
+def _new_job(frame: bytes, dialect: int) -> _Scan:
+    scan = _scan(frame, _CLIENT[dialect])
     if scan.code != CLIENT_NEW_JOB:
         raise WireError("not a client_new_job")
-    values: dict[int, int] = {field: val_start for (_k, val_start, _e, field) in scan.entries}
-    course_id = _text(frame, _str(frame, values[_NJ_COURSE_ID], len(frame)))
-    task_id = _text(frame, _str(frame, values[_NJ_TASK_ID], len(frame)))
-    launcher = _text(frame, _str(frame, values[_NJ_LAUNCHER], len(frame)))
-    time_limit = _int(frame, values[_NJ_TIME_LIMIT], len(frame))[0]
-    return _text(frame, scan.job_id), course_id, task_id, launcher, time_limit
+    return scan
 
 
-def splice_new_job(frame: bytes, client_identity: bytes) -> bytes:
-    """client_new_job frame -> backend_new_job frame.
+# -- the API --------------------------------------------------------------------------
 
-    ``type`` is replaced, ``job_id`` becomes ``[bin client_identity, str job_id]``,
-    ``launcher`` is removed; every other entry is copied byte for byte.
+def scan_client(frame: bytes, dialect: int = V05) -> tuple[int, str | None, object, int]:
+    """Check a client frame of ``dialect``: (type code, job_id, environment, priority).
+
+    job_id is set for client_new_job and client_kill_job, environment for
+    client_new_job (0.5: its name; 0.9: the pair (environment_type, environment)), None
+    otherwise; priority is the 0.9 job's (clamped to int64), 0 otherwise.  Raises
+    WireError, or WrongDialect when the frame is in another dialect.
+    """
+    scan = _scan(frame, _CLIENT[dialect])
+    env = _text(frame, scan.env)
+    if scan.env_type is not None:
+        env = (_text(frame, scan.env_type), env)
+    return scan.code, _text(frame, scan.job_id), env, scan.priority
+
+
+def queue_fields(frame: bytes, dialect: int = V05) -> tuple[str, str, str, str, int]:
+    """For a client_new_job frame: (job_id, course_id, task_id, launcher, time value).
+
+    The time value is 0.5's ``time_limit``, or 0.9's estimate from
+    ``environment_parameters`` (``protocol.v09.time_estimate``).
+    """
+    scan = _new_job(frame, dialect)
+    n = len(frame)
+    course_id = _text(frame, _str(frame, _value(frame, scan, "course_id")[0], n))
+    task_id = _text(frame, _str(frame, _value(frame, scan, "task_id")[0], n))
+    launcher = _text(frame, _str(frame, _value(frame, scan, "launcher")[0], n))
+    if dialect == V09:
+        start, end = _value(frame, scan, "environment_parameters")
+        time_value = protocol.v09.time_estimate(protocol.decode(frame[start:end]))
+    else:
+        time_value = _int(frame, _value(frame, scan, "time_limit")[0], n)[0]
+    return _text(frame, scan.job_id), course_id, task_id, launcher, time_value
+
+
+def submission_state(frame: bytes, dialect: int = V09) -> object:
+    """For a 0.9 ClientNewJob frame: the state its input carries (``inputdata["@state"]``, or "")."""
+    if dialect != V09:
+        raise WireError("only dialect 0.9 jobs carry a state")
+    scan = _new_job(frame, dialect)
+    start, end = _value(frame, scan, "inputdata")
+    return protocol.v09.input_state(protocol.decode(frame[start:end]))
+
+
+def splice_new_job(frame: bytes, client_identity: bytes, dialect: int = V05) -> bytes:
+    """client_new_job frame -> backend_new_job frame, by the dialect's rule.
+
+    ``type`` is replaced; 0.5: ``job_id`` becomes ``[bin client_identity, str job_id]``,
+    ``launcher`` is removed; 0.9: ``priority`` and ``launcher`` are removed.  Every other
+    entry is copied byte for byte.
     """
     if not 1 <= len(client_identity) <= 255:
         raise WireError("client identity must be 1..255 bytes")
-    scan = _scan(frame, _CLIENT)
-    if scan.code != CLIENT_NEW_JOB:
-        raise WireError("not a client_new_job")
+    scan = _new_job(frame, dialect)
+    rule = _NEW_JOB[dialect]
     job_id_value = None
-    for _key_start, val_start, val_end, field in scan.entries:
-        if field == _NJ_JOB_ID:
-            # The client's job id keeps its own encoding, header included.
-            job_id_value = b"".join(
-                (b"\x92", _bin_header(len(client_identity)), client_identity, frame[val_start:val_end])
-            )
-    return _splice(frame, scan, len(scan.entries) - 1, _BACKEND_NEW_JOB, job_id_value, _NJ_LAUNCHER)
+    if rule.job_id == "pair":
+        # The client's job id keeps its own encoding, header included.
+        start, end = _value(frame, scan, "job_id")
+        job_id_value = b"".join((b"\x92", _bin_header(len(client_identity)), client_identity, frame[start:end]))
+    return _splice(frame, scan, rule, job_id_value)
 
 
-def scan_agent(frame: bytes) -> tuple[int, bytes | None, str | None]:
-    """Check an agent frame: (type code, client_identity, client_job_id).
+def scan_agent(frame: bytes, dialect: int = V05) -> tuple[int, bytes | None, str | None]:
+    """Check an agent frame of ``dialect``: (type code, client_identity, job_id).
 
-    The last two are the parts of the job id 2-array of agent_job_started,
-    agent_job_done and agent_job_ssh_debug; None for agent_hello and pong.
-    Raises WireError.
+    job_id is set for the job started / done / ssh debug messages; client_identity too
+    in 0.5, where it is part of the job id pair (None in 0.9 and for hello and pong).
+    Raises WireError, or WrongDialect when the frame is in another dialect.
     """
-    scan = _scan(frame, _AGENT)
+    scan = _scan(frame, _AGENT[dialect])
     ident = None if scan.ident is None else frame[scan.ident[0]:scan.ident[0] + scan.ident[1]]
     return scan.code, ident, _text(frame, scan.job_id)
 
 
-def _agent_to_client(frame: bytes, code: int, type_name: bytes, what: str) -> bytes:
-    scan = _scan(frame, _AGENT)
+def _agent_to_client(frame: bytes, dialect: int, code: int, rules: list[_SpliceRule]) -> bytes:
+    scan = _scan(frame, _AGENT[dialect])
     if scan.code != code:
-        raise WireError(f"not an {what}")
-    start, length = scan.job_id
-    job_id_value = _str_header(length) + frame[start:start + length]
-    return _splice(frame, scan, len(scan.entries), type_name, job_id_value, -2)
+        raise WireError(f"not an {protocol.DIALECTS[dialect].agent_type(code)}")
+    rule = rules[dialect]
+    job_id_value = None
+    if rule.job_id == "str":
+        start, length = scan.job_id
+        job_id_value = _str_header(length) + frame[start:start + length]
+    return _splice(frame, scan, rule, job_id_value)
 
 
-def splice_job_done(frame: bytes) -> bytes:
-    """agent_job_done -> backend_job_done: type replaced, job_id replaced by the client's str job id."""
-    return _agent_to_client(frame, AGENT_JOB_DONE, _BACKEND_JOB_DONE, "agent_job_done")
+def splice_job_done(frame: bytes, dialect: int = V05) -> bytes:
+    """agent_job_done -> backend_job_done: type replaced (0.5: and job_id by the client's str)."""
+    return _agent_to_client(frame, dialect, AGENT_JOB_DONE, _JOB_DONE)
 
 
-def splice_ssh_debug(frame: bytes) -> bytes:
-    """agent_job_ssh_debug -> backend_job_ssh_debug: type replaced, job_id replaced by the client's."""
-    return _agent_to_client(frame, AGENT_JOB_SSH_DEBUG, _BACKEND_JOB_SSH_DEBUG, "agent_job_ssh_debug")
+def splice_ssh_debug(frame: bytes, dialect: int = V05) -> bytes:
+    """agent_job_ssh_debug -> backend_job_ssh_debug, by the same rule."""
+    return _agent_to_client(frame, dialect, AGENT_JOB_SSH_DEBUG, _SSH_DEBUG)
 
 
-def job_started(job_id: str) -> bytes:
-    """Encode backend_job_started(job_id)."""
+def job_started(job_id: str, dialect: int = V05) -> bytes:
+    """Encode backend_job_started(job_id) in ``dialect``."""
     raw = job_id.encode("utf-8")
+    type_key, name = _TYPE_KEYS[dialect], _JOB_STARTED[dialect]
     return (
-        b"\x82\xa4type" + _str_header(len(_BACKEND_JOB_STARTED)) + _BACKEND_JOB_STARTED
+        b"\x82" + _str_header(len(type_key)) + type_key + _str_header(len(name)) + name
         + b"\xa6job_id" + _str_header(len(raw)) + raw
     )
 
 
-def job_key(client_identity: bytes, job_id: str) -> bytes:
-    """The broker's dictionary key for a job: identity length byte, identity, UTF-8 job id.
+def job_key(client_identity: bytes | None, job_id: str, dialect: int = V05) -> bytes:
+    """The broker's dictionary key for a job.
 
-    ZeroMQ identities are 1..255 bytes, so the length fits one byte and the key is
-    unambiguous.  Raises WireError for any other identity length.
+    0.5: identity length byte, identity, UTF-8 job id (ZeroMQ identities are 1..255
+    bytes, so the key is unambiguous; another length raises WireError).  0.9, where job
+    ids are global: a zero byte, then the UTF-8 job id.  The first byte tells the two
+    apart, so the keys of both dialects share one table and never collide.
     """
-    if not 1 <= len(client_identity) <= 255:
+    if dialect == V09:
+        return b"\x00" + job_id.encode("utf-8")
+    if client_identity is None or not 1 <= len(client_identity) <= 255:
         raise WireError("client identity must be 1..255 bytes")
     return bytes((len(client_identity),)) + client_identity + job_id.encode("utf-8")

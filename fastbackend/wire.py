@@ -36,11 +36,14 @@ never assumes the shortest encoding was chosen)::
     de, df      map16/32       2/4-byte count, then the pairs
     e0-ff       negative fixint -
 
-Messages (field: kind).  Kinds: ``str`` = str of valid UTF-8; ``int`` = any integer
-format; ``any`` = pass-through, checked for well-formedness only (nested containers at
-most ``MAX_DEPTH`` deep, the message's map counting as one) and copied byte for byte::
+Messages, per dialect (field: kind).  Kinds: ``str`` = str of valid UTF-8; ``int`` =
+any integer format; ``uint`` = integer >= 0; ``map`` = a map, contents any; ``any`` =
+pass-through, checked for well-formedness only (nested containers at most
+``MAX_DEPTH`` deep, the message's map counting as one) and copied byte for byte.  The
+type key is ``type`` in 0.5 and ``@type`` in 0.9; a frame holding the *other* dialect's
+type key raises ``WrongDialect`` (the broker then reads it with that dialect's tables)::
 
-    client -> backend
+    0.5 client -> backend
       client_hello      name: str
       client_new_job    job_id: str, course_id: str, task_id: str, inputdata: any,
                         environment: str, enable_network: any, time_limit: int,
@@ -48,42 +51,60 @@ most ``MAX_DEPTH`` deep, the message's map counting as one) and copied byte for 
       client_kill_job   job_id: str
       client_get_queue  (no field)
       ping              (no field)
-
-    agent -> backend
-      agent_hello          friendly_name: str, available_job_slots: int >= 0,
-                           available_containers: map (contents any)
+    0.5 agent -> backend
+      agent_hello          friendly_name: str, available_job_slots: uint, available_containers: map
       agent_job_started    job_id: [bin client_identity (1..255 bytes), str job id]
       agent_job_done       job_id: as above, result, grade, problems, tests, custom,
                            archive, stdout, stderr: any
       agent_job_ssh_debug  job_id: as above, host, port, password: any
       pong                 (no field)
 
-    backend -> agent / client, spliced from the frames above
-      backend_new_job       the client_new_job entries with type replaced, job_id
-                            replaced by [bin client_identity, the client's job_id value
-                            as it was encoded], launcher removed
-      backend_job_done      the agent_job_done entries with type replaced and job_id
-                            replaced by the str client job id
-      backend_job_ssh_debug the same rule, from agent_job_ssh_debug
-      backend_job_started   {type, job_id: str}, encoded here
+    0.9 client -> backend
+      ClientHello       name: str
+      ClientNewJob      job_id: str, priority: int, course_id: str, task_id: str,
+                        task_problems: any, inputdata: any, environment_type: str,
+                        environment: str, environment_parameters: any, debug: any, launcher: str
+      ClientKillJob     job_id: str
+      ClientGetQueue    (no field)
+      Ping              (no field)
+    0.9 agent -> backend
+      AgentHello        friendly_name: str, available_job_slots: uint, available_environments: map
+      AgentJobStarted   job_id: str
+      AgentJobDone      job_id: str, result, grade, problems, tests, custom, state,
+                        archive, stdout, stderr: any
+      AgentJobSSHDebug  job_id: str, host, port, user, password: any
+      Pong              (no field)
 
-Spliced frames keep the entries in the incoming order; only the top-level map header
-and the replaced values are written anew (in the shortest form).
+Spliced frames (``protocol.Splice``): the incoming entries, in the incoming order, with
+the type key's value replaced and::
 
-API (identical in both implementations): ``scan_client``, ``queue_fields``,
-``splice_new_job``, ``scan_agent``, ``splice_job_done``, ``splice_ssh_debug``,
-``job_started``, ``job_key``; see their docstrings.  The compiled module also offers a
-C-level API for the broker (``_wire_c.pxd``).
+    0.5 backend_new_job        job_id -> [bin client_identity, the client's job_id value
+                               as it was encoded]; launcher removed
+    0.5 backend_job_done       job_id -> the client's job id as a str
+    0.5 backend_job_ssh_debug  the same
+    0.9 BackendNewJob          priority and launcher removed
+    0.9 BackendJobDone         (only @type changes)
+    0.9 BackendJobSSHDebug     (only @type changes)
+    backend_job_started / BackendJobStarted  {type key, job_id: str}, encoded here
+
+Only the top-level map header and the replaced values are written anew (in the shortest form).
+
+API (identical in both implementations; ``dialect`` is a ``protocol`` tag, 0.5 by
+default): ``scan_client``, ``queue_fields``, ``submission_state``, ``splice_new_job``,
+``scan_agent``, ``splice_job_done``, ``splice_ssh_debug``, ``job_started``, ``job_key``;
+see their docstrings.  The compiled module also offers a C-level API for the broker
+(``_wire_c.pxd``).
 """
 
 from __future__ import annotations
 
 from fastbackend._select import twin
-from fastbackend.protocol import WireError
+from fastbackend.protocol import V09, WireError, WrongDialect
 
 __all__ = [
-    "IMPL", "WireError", "scan_client", "queue_fields", "splice_new_job", "scan_agent",
-    "splice_job_done", "splice_ssh_debug", "job_started", "job_key", "key_client", "split_key",
+    "IMPL", "WireError", "WrongDialect", "scan_client", "queue_fields", "submission_state",
+    "splice_new_job", "scan_agent", "splice_job_done", "splice_ssh_debug", "job_started", "job_key",
+    "key_dialect", "key_client", "key_job_id",
 ]
 
 _impl, IMPL = twin("wire")
@@ -96,13 +117,19 @@ scan_client = _impl.scan_client
 splice_job_done = _impl.splice_job_done
 splice_new_job = _impl.splice_new_job
 splice_ssh_debug = _impl.splice_ssh_debug
+submission_state = _impl.submission_state
+
+
+def key_dialect(key: bytes) -> int:
+    """The dialect of a ``job_key``: its first byte is 0 for 0.9 (a 0.5 identity is never empty)."""
+    return V09 if key[0] == 0 else 0
 
 
 def key_client(key: bytes) -> bytes:
-    """The client identity inside a ``job_key``."""
+    """The client identity inside a 0.5 ``job_key``."""
     return key[1 : 1 + key[0]]
 
 
-def split_key(key: bytes) -> tuple[bytes, str]:
-    """A ``job_key`` back into (client identity, job id): the inverse of ``job_key``."""
-    return key_client(key), key[1 + key[0] :].decode()
+def key_job_id(key: bytes) -> str:
+    """The client's job id inside a ``job_key`` of either dialect."""
+    return key[1 + key[0] :].decode()
