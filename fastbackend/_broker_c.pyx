@@ -7,11 +7,13 @@
 # functions, and writes spliced frames straight into libzmq message buffers that
 # zmq_msg_send then owns.  Per message there is no pyzmq call, no asyncio object and
 # no decoded message; the Python objects made per job are the ones the state needs
-# (the job's key and its client frame, kept until the job is dispatched) plus the
-# identity bytes used as dictionary keys.
+# (the job's key and its client frame, kept until the job's result) plus the identity
+# bytes used as dictionary keys.  Both dialects take the same path: the scan says which
+# dialect's tables matched, and the splicers follow that dialect's rules.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.stdint cimport int64_t, uint32_t
 from libc.string cimport memcpy
 
 from fastbackend._sched_c cimport JOB_RUNNING, Scheduler
@@ -33,7 +35,7 @@ import time
 import zmq as pyzmq
 
 from fastbackend import protocol
-from fastbackend.protocol import WireError
+from fastbackend.protocol import DIALECTS, FIRST_GUESS, WireError, WrongDialect
 
 include "_libzmq.pxi"
 
@@ -62,8 +64,11 @@ cdef enum:
 
 BYTES_PER_MESSAGE = FRAME_WEIGHT  # must equal _broker_py.BYTES_PER_MESSAGE (a test checks)
 
-cdef bytes PONG_FRAME = protocol.PONG_FRAME
-cdef bytes UNKNOWN_FRAME = protocol.UNKNOWN_FRAME
+cdef int V05 = protocol.V05
+cdef int V09 = protocol.V09
+# Frames per dialect tag.
+cdef tuple PONG_FRAMES = tuple(d.pong_frame for d in DIALECTS)
+cdef tuple UNKNOWN_FRAMES = tuple(d.unknown_frame for d in DIALECTS)
 
 
 cdef class BrokerCore:
@@ -75,38 +80,48 @@ cdef class BrokerCore:
     cdef public object client_socket
     cdef void* agent_handle
     cdef void* client_handle
+    cdef public object pinned     # the one dialect served, or None
+    cdef int first_guess
     cdef public Scheduler sched
-    cdef public set clients
+    cdef public dict clients      # identity -> dialect it said hello in
     cdef public dict agents
     cdef public list agent_ident
+    cdef public list agent_dialect
     cdef public list agent_missed
     cdef public dict jobs
     cdef public list job_key
+    cdef public list job_client
     cdef public list job_frame
     cdef public list job_started
-    cdef dict env_ids            # environment name as bytes -> interned id (saves a decode per job)
+    # Per dialect: environment key bytes -> interned id (saves a decode per job).  The
+    # key is the name's UTF-8 in 0.5; in 0.9 the type's length (4 bytes), type, name.
+    cdef list env_ids
     cdef public Py_ssize_t jobs_submitted
     cdef public Py_ssize_t jobs_done
     cdef public Py_ssize_t frames_dropped
     cdef public bint log_jobs     # per-job DEBUG lines (set by the logic layer from the log level)
 
-    def __init__(self, agent_socket, client_socket):
+    def __init__(self, agent_socket, client_socket, dialect=None):
         self.agent_socket = agent_socket
         self.client_socket = client_socket
         # The sockets stay owned by pyzmq (and alive through the references above);
         # we only borrow their libzmq handles.
         self.agent_handle = <void*><size_t>agent_socket.underlying
         self.client_handle = <void*><size_t>client_socket.underlying
+        self.pinned = dialect
+        self.first_guess = FIRST_GUESS if dialect is None else dialect
         self.sched = Scheduler()
-        self.clients = set()
+        self.clients = {}
         self.agents = {}
         self.agent_ident = []
+        self.agent_dialect = []
         self.agent_missed = []
         self.jobs = {}
         self.job_key = []
+        self.job_client = []
         self.job_frame = []
         self.job_started = []
-        self.env_ids = {}
+        self.env_ids = [{} for _ in DIALECTS]
         self.log_jobs = False
         self.jobs_submitted = 0
         self.jobs_done = 0
@@ -207,6 +222,37 @@ cdef class BrokerCore:
     cdef bytes _ident(self, fb_zmq_msg_t* ident):
         return PyBytes_FromStringAndSize(<const char*>lz.msg_data(ident), lz.msg_size(ident))
 
+    cdef int _scan(self, bint from_agent, bytes ident, const char* data, Py_ssize_t size, int dialect,
+                   Scan* scan) except -1:
+        """Scan as ``dialect``, or as the dialect the frame turns out to be in (see
+        ``_broker_py.BrokerCore._scan``); 1 when scanned, 0 when the frame was dropped."""
+        cdef str side = "agent" if from_agent else "client"
+        try:
+            if from_agent:
+                scan_agent_c(dialect, data, size, scan)
+            else:
+                scan_client_c(dialect, data, size, scan)
+            return 1
+        except WrongDialect as exc:
+            if self.pinned is not None:
+                self.wrong_dialect(side, ident, exc.dialect)
+                return 0
+            dialect = exc.dialect
+        except WireError as exc:
+            self.dropped(side, ident, str(exc))
+            return 0
+        try:
+            if from_agent:
+                scan_agent_c(dialect, data, size, scan)
+            else:
+                scan_client_c(dialect, data, size, scan)
+            return 1
+        except WrongDialect:
+            self.dropped(side, ident, "holds the type keys of two dialects")
+        except WireError as exc:
+            self.dropped(side, ident, str(exc))
+        return 0
+
     # -- clients ------------------------------------------------------------------
 
     cdef int _on_client(self, const char* ident_ptr, Py_ssize_t ident_len, fb_zmq_msg_t* body) except -1:
@@ -214,47 +260,67 @@ cdef class BrokerCore:
         cdef const char* data = <const char*>lz.msg_data(body)
         cdef Py_ssize_t size = lz.msg_size(body)
         cdef bytes ident = PyBytes_FromStringAndSize(ident_ptr, ident_len)
-        try:
-            scan_client_c(data, size, &scan)
-        except WireError as exc:
-            self.dropped("client", ident, str(exc))
+        registered = self.clients.get(ident)
+        if not self._scan(False, ident, data, size,
+                          self.first_guess if registered is None else <int>registered, &scan):
             return 0
         if scan.type == CLIENT_HELLO:
-            self.client_hello(ident, PyBytes_FromStringAndSize(data, size))
+            self.client_hello(ident, PyBytes_FromStringAndSize(data, size), scan.dialect)
             return 0
-        if ident not in self.clients:
-            self._send_bytes(self.client_handle, ident_ptr, ident_len, UNKNOWN_FRAME, "client")
+        if registered is None or <int>registered != scan.dialect:
+            self._send_bytes(self.client_handle, ident_ptr, ident_len, UNKNOWN_FRAMES[scan.dialect], "client")
             return 0
         if scan.type == CLIENT_NEW_JOB:
             self._new_job(ident, &scan, data, size)
         elif scan.type == PING:
-            self._send_bytes(self.client_handle, ident_ptr, ident_len, PONG_FRAME, "client")
+            self._send_bytes(self.client_handle, ident_ptr, ident_len, PONG_FRAMES[scan.dialect], "client")
         elif scan.type == CLIENT_KILL_JOB:
-            self.kill_job(ident, PyUnicode_DecodeUTF8(scan.job_id, scan.job_id_len, NULL))
+            self.kill_job(ident, PyUnicode_DecodeUTF8(scan.job_id, scan.job_id_len, NULL), scan.dialect)
         elif scan.type == CLIENT_GET_QUEUE:
-            self.client_get_queue(ident)
+            self.client_get_queue(ident, scan.dialect)
         return 0
+
+    cdef int _env(self, const Scan* scan) except -1:
+        """The interned environment of a scanned new job (a dict lookup on its bytes)."""
+        cdef bytes key
+        cdef char* o
+        cdef uint32_t type_len
+        cdef dict ids = self.env_ids[scan.dialect]
+        if scan.env_type == NULL:
+            key = PyBytes_FromStringAndSize(scan.env, scan.env_len)
+        else:
+            type_len = <uint32_t>scan.env_type_len
+            key = PyBytes_FromStringAndSize(NULL, 4 + scan.env_type_len + scan.env_len)
+            o = PyBytes_AS_STRING(key)
+            memcpy(o, &type_len, 4)
+            memcpy(o + 4, scan.env_type, scan.env_type_len)
+            memcpy(o + 4 + scan.env_type_len, scan.env, scan.env_len)
+        env = ids.get(key)
+        if env is None:
+            name = PyUnicode_DecodeUTF8(scan.env, scan.env_len, NULL)
+            if scan.env_type != NULL:
+                name = (PyUnicode_DecodeUTF8(scan.env_type, scan.env_type_len, NULL), name)
+            env = ids[key] = self.sched.env_id(name)
+        return env
 
     cdef int _new_job(self, bytes ident, Scan* scan, const char* data, Py_ssize_t size) except -1:
         cdef int job, agent = -1
-        cdef bytes key = job_key_c(PyBytes_AS_STRING(ident), PyBytes_GET_SIZE(ident), scan.job_id, scan.job_id_len)
+        cdef bytes key = job_key_c(scan.dialect, PyBytes_AS_STRING(ident), PyBytes_GET_SIZE(ident),
+                                   scan.job_id, scan.job_id_len)
         if key in self.jobs:
-            self.dropped("client", ident,
-                         f"duplicate job id {PyUnicode_DecodeUTF8(scan.job_id, scan.job_id_len, NULL)!r}")
+            self.duplicate_job(ident, PyUnicode_DecodeUTF8(scan.job_id, scan.job_id_len, NULL), scan.dialect)
             return 0
-        env_name = PyBytes_FromStringAndSize(scan.env, scan.env_len)
-        env = self.env_ids.get(env_name)
-        if env is None:
-            env = self.env_ids[env_name] = self.sched.env_id(env_name.decode())
-        job = self.sched.c_submit(env, &agent)
+        job = self.sched.c_submit(self._env(scan), scan.priority, &agent)
         if job >= len(self.job_key):
             # Doubling: the scheduler hands out indices one above the highest in use.
             grow = max(job + 1 - len(self.job_key), len(self.job_key))
             self.job_key.extend([None] * grow)
+            self.job_client.extend([None] * grow)
             self.job_frame.extend([None] * grow)
             self.job_started.extend([0.0] * grow)
         self.jobs[key] = job
         self.job_key[job] = key
+        self.job_client[job] = ident
         self.job_frame[job] = PyBytes_FromStringAndSize(data, size)
         self.jobs_submitted += 1
         if FB_DEBUG:
@@ -273,25 +339,26 @@ cdef class BrokerCore:
     cdef int _dispatch(self, int job, int agent) except -1:
         cdef Scan scan
         cdef bytes frame = self.job_frame[job]
+        cdef bytes key = self.job_key[job]
         # The frame was validated on arrival; scanning it again is cheaper than
-        # keeping every waiting job's field offsets.
-        scan_client_c(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame), &scan)
+        # keeping every waiting job's field offsets.  A 0.9 key starts with a zero byte.
+        scan_client_c(V09 if PyBytes_AS_STRING(key)[0] == 0 else V05,
+                      PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame), &scan)
         return self._send_new_job(job, agent, &scan, PyBytes_AS_STRING(frame))
 
     cdef int _send_new_job(self, int job, int agent, const Scan* scan, const char* frame) except -1:
-        """Splice ``backend_new_job`` from a scanned ``client_new_job`` and send it."""
+        """Splice the agent's new-job frame from a scanned client new-job frame and send it."""
         cdef fb_zmq_msg_t out
-        cdef bytes key = self.job_key[job]
+        cdef bytes client = self.job_client[job]
         cdef bytes agent_ident = self.agent_ident[agent]
-        cdef const char* k = PyBytes_AS_STRING(key)
-        cdef Py_ssize_t ident_len = <unsigned char>k[0]
+        cdef Py_ssize_t ident_len = PyBytes_GET_SIZE(client)
         cdef Py_ssize_t size = new_job_size(scan, ident_len)
         if lz.msg_init_size(&out, size) != 0:
             raise MemoryError()
-        written = write_new_job(<char*>lz.msg_data(&out), frame, scan, k + 1, ident_len)
+        written = write_new_job(<char*>lz.msg_data(&out), frame, scan, PyBytes_AS_STRING(client), ident_len)
         if FB_DEBUG and written != size:
             lz.msg_close(&out)
-            raise AssertionError(f"backend_new_job spliced to {written} bytes, {size} announced")
+            raise AssertionError(f"new job spliced to {written} bytes, {size} announced")
         self.job_started[job] = time.time()
         if self.log_jobs:
             self.job_event("sent", job, agent)
@@ -308,12 +375,13 @@ cdef class BrokerCore:
         return 0
 
     def forget_job(self, int job):
-        """Drop a job's key and frame: from now on, messages about it are dropped."""
+        """Drop a job's key, owner and frame: from now on, messages about it are dropped."""
         self._forget(job)
 
     cdef int _forget(self, int job) except -1:
         del self.jobs[self.job_key[job]]
         self.job_key[job] = None
+        self.job_client[job] = None
         self.job_frame[job] = None
         return 0
 
@@ -325,27 +393,27 @@ cdef class BrokerCore:
         cdef const char* data = <const char*>lz.msg_data(body)
         cdef Py_ssize_t size = lz.msg_size(body), out_size
         cdef bytes ident = PyBytes_FromStringAndSize(ident_ptr, ident_len)
+        cdef bytes owner
         cdef int agent, job, following
-        try:
-            scan_agent_c(data, size, &scan)
-        except WireError as exc:
-            self.dropped("agent", ident, str(exc))
+        agent = self.agents.get(ident, -1)
+        if not self._scan(True, ident, data, size,
+                          self.first_guess if agent < 0 else <int>self.agent_dialect[agent], &scan):
             return 0
         if scan.type == AGENT_HELLO:
-            self.agent_hello(ident, PyBytes_FromStringAndSize(data, size))
+            self.agent_hello(ident, PyBytes_FromStringAndSize(data, size), scan.dialect)
             return 0
-        agent = self.agents.get(ident, -1)
-        if agent < 0:
+        if agent < 0 or <int>self.agent_dialect[agent] != scan.dialect:
             self.dropped("agent", ident, "message from an agent that did not say hello")
             return 0
         if scan.type == PONG:
             self.agent_missed[agent] = 0
             return 0
-        job = self.jobs.get(job_key_c(scan.ident, scan.ident_len, scan.job_id, scan.job_id_len), -1)
+        job = self.jobs.get(job_key_c(scan.dialect, scan.ident, scan.ident_len, scan.job_id, scan.job_id_len), -1)
         if job < 0 or self.sched.c_job_state(job) != JOB_RUNNING or self.sched.c_job_agent(job) != agent:
             self.dropped("agent", ident, "message about job %r, which is not running there"
                          % PyUnicode_DecodeUTF8(scan.job_id, scan.job_id_len, "replace"))
             return 0
+        owner = self.job_client[job]
         if scan.type == AGENT_JOB_DONE and self.log_jobs:
             self.job_event("done", job, agent)
         if scan.type == AGENT_JOB_DONE or scan.type == AGENT_JOB_SSH_DEBUG:
@@ -354,11 +422,11 @@ cdef class BrokerCore:
                 raise MemoryError()
             write_agent_to_client(<char*>lz.msg_data(&out), data, &scan)
         else:
-            out_size = job_started_size(scan.job_id_len)
+            out_size = job_started_size(scan.dialect, scan.job_id_len)
             if lz.msg_init_size(&out, out_size) != 0:
                 raise MemoryError()
-            write_job_started(<char*>lz.msg_data(&out), scan.job_id, scan.job_id_len)
-        self._send_msg(self.client_handle, scan.ident, scan.ident_len, &out, "client")
+            write_job_started(<char*>lz.msg_data(&out), scan.dialect, scan.job_id, scan.job_id_len)
+        self._send_msg(self.client_handle, PyBytes_AS_STRING(owner), PyBytes_GET_SIZE(owner), &out, "client")
         if scan.type == AGENT_JOB_DONE:
             self._forget(job)
             self.jobs_done += 1
@@ -368,4 +436,3 @@ cdef class BrokerCore:
             if FB_DEBUG:
                 self._check_counts()
         return 0
-

@@ -1,26 +1,39 @@
 """The broker's hot path in pure Python: the readable truth of ``_broker_c``.
 
 ``BrokerCore`` owns the per-job state and handles the messages that arrive once or
-more per job: ``client_new_job``, ``ping`` (client), and
-``agent_job_started``, ``agent_job_done``, ``agent_job_ssh_debug``, ``pong`` (agent).
-It also drains the two ROUTER sockets.  The rare messages (hellos, queue snapshots,
-kills) and the heartbeat are handled by ``broker.BrokerLogic``, mixed into
-either core, through the hooks ``client_hello``, ``client_get_queue``, ``kill_job``,
-``agent_hello``, ``dropped``, ``internal_error`` and ``unreachable``.
+more per job: new jobs and pings from clients, job started / done / ssh debug and
+pongs from agents, in either dialect.  It also drains the two ROUTER sockets.  The
+rare messages (hellos, queue snapshots, kills) and the heartbeat are handled by
+``broker.BrokerLogic``, mixed into either core, through the hooks ``client_hello``,
+``client_get_queue``, ``kill_job``, ``duplicate_job``, ``agent_hello``, ``dropped``,
+``wrong_dialect``, ``job_event``, ``internal_error`` and ``unreachable``.
+
+Dialects: each frame is scanned with the tables of its peer's dialect (the one it said
+hello in; for a peer not yet known, the broker's default).  A frame that turns out to
+carry the other dialect's type key is scanned again with those tables, unless the
+broker is pinned to one dialect, in which case it is dropped with a log line.  A peer
+is registered in one dialect at a time: a frame in another dialect is treated as coming
+from an unregistered peer.
 
 State, by index:
 
-* jobs are indexed by the scheduler's job index; ``job_key[j]`` is the job's key
-  (see ``wire.job_key``: the client identity and the client's job id, which is also
-  what an agent echoes back), ``job_frame[j]`` the client's ``client_new_job`` frame,
-  kept whole so that ``backend_new_job`` is spliced from it at dispatch time and the
-  queue snapshot can read its fields; ``job_started[j]`` the dispatch time;
-* agents are indexed by the scheduler's agent index; ``agent_ident[a]`` is the
-  agent's ROUTER identity and ``agent_missed[a]`` the pings it has not answered.
+* jobs are indexed by the scheduler's job index; ``job_key[j]`` is the job's key (see
+  ``wire.job_key``: for 0.5 the client identity and its job id, which is also what an
+  agent echoes back; for 0.9 the global job id; the first byte tells them apart),
+  ``job_client[j]`` the identity of the client that submitted it, ``job_frame[j]`` the
+  client's new-job frame, kept whole so that the agent's frame is spliced from it at
+  dispatch time and the queue snapshot can read its fields; ``job_started[j]`` the
+  dispatch time;
+* agents are indexed by the scheduler's agent index; ``agent_ident[a]`` is the agent's
+  ROUTER identity, ``agent_dialect[a]`` its dialect and ``agent_missed[a]`` the pings it
+  has not answered.
+
+Jobs never cross dialects: the scheduler's environment keys are names in 0.5 and
+(type, name) pairs in 0.9, so a job can only match an agent of its own dialect.
 
 A job is forgotten (key and frame dropped) the moment its result is sent, so any
-later message about it is dropped: the real 0.5 client dies on a message for a job
-it already has the result of.
+later message about it is dropped: the real clients die on a message for a job they
+already have the result of.
 """
 
 from __future__ import annotations
@@ -29,7 +42,7 @@ import time
 
 import zmq
 
-from . import protocol, sched, wire
+from . import sched, wire
 from .protocol import (
     AGENT_HELLO,
     AGENT_JOB_DONE,
@@ -39,9 +52,12 @@ from .protocol import (
     CLIENT_HELLO,
     CLIENT_KILL_JOB,
     CLIENT_NEW_JOB,
+    DIALECTS,
+    FIRST_GUESS,
     PING,
     PONG,
     WireError,
+    WrongDialect,
 )
 
 JOB_RUNNING = sched.JOB_RUNNING
@@ -52,47 +68,60 @@ JOB_RUNNING = sched.JOB_RUNNING
 #: as long as 256 of them would take.
 BYTES_PER_MESSAGE = 64 * 1024
 
-
 class BrokerCore:
-    """Per-job routing between clients and agents; see the module docstring."""
+    """Per-job routing between clients and agents; see the module docstring.
+
+    ``dialect`` pins one dialect (a ``protocol`` tag); None serves each peer in its own.
+    """
 
     IMPL = "py"
 
-    def __init__(self, agent_socket: zmq.Socket, client_socket: zmq.Socket) -> None:
+    def __init__(self, agent_socket: zmq.Socket, client_socket: zmq.Socket,
+                 dialect: int | None = None) -> None:
         self.agent_socket = agent_socket
         self.client_socket = client_socket
+        self.pinned = dialect
+        self.first_guess = FIRST_GUESS if dialect is None else dialect
         self.sched = sched.Scheduler()
-        self.clients: set[bytes] = set()
+        self.clients: dict[bytes, int] = {}  # identity -> the dialect it said hello in
         self.agents: dict[bytes, int] = {}
         self.agent_ident: list[bytes | None] = []
+        self.agent_dialect: list[int] = []
         self.agent_missed: list[int] = []
         self.jobs: dict[bytes, int] = {}
         self.job_key: list[bytes | None] = []
+        self.job_client: list[bytes | None] = []
         self.job_frame: list[bytes | None] = []
         self.job_started: list[float] = []
-        # Counters for the periodic summary.
         # Per-job DEBUG lines cost a Python call each: decided once, by the logic
         # layer, from the log level (``fastbackend serve -v``).
         self.log_jobs = False
+        # Counters for the periodic summary.
         self.jobs_submitted = 0
         self.jobs_done = 0
         self.frames_dropped = 0
 
     # -- hooks for the subclass (rare messages, logging) -------------------------
 
-    def client_hello(self, ident: bytes, frame: bytes) -> None:
+    def client_hello(self, ident: bytes, frame: bytes, dialect: int) -> None:
         raise NotImplementedError
 
-    def client_get_queue(self, ident: bytes) -> None:
+    def client_get_queue(self, ident: bytes, dialect: int) -> None:
         raise NotImplementedError
 
-    def kill_job(self, ident: bytes, job_id: str) -> None:
+    def kill_job(self, ident: bytes, job_id: str, dialect: int) -> None:
         raise NotImplementedError
 
-    def agent_hello(self, ident: bytes, frame: bytes) -> None:
+    def duplicate_job(self, ident: bytes, job_id: str, dialect: int) -> None:
+        raise NotImplementedError
+
+    def agent_hello(self, ident: bytes, frame: bytes, dialect: int) -> None:
         raise NotImplementedError
 
     def dropped(self, side: str, ident: bytes, reason: str) -> None:
+        raise NotImplementedError
+
+    def wrong_dialect(self, side: str, ident: bytes, dialect: int) -> None:
         raise NotImplementedError
 
     def job_event(self, event: str, job: int, agent: int) -> None:
@@ -154,44 +183,71 @@ class BrokerCore:
             except Exception:  # a bug must cost one message, never the broker
                 self.internal_error(side, parts[0])
 
+    def _scan(self, scanner, side: str, ident: bytes, frame: bytes, dialect: int):
+        """Scan a frame as ``dialect``, or as the dialect it turns out to be in.
+
+        Returns (dialect, scan result), or None when the frame was dropped.
+        """
+        try:
+            return dialect, scanner(frame, dialect)
+        except WrongDialect as exc:
+            if self.pinned is not None:
+                self.wrong_dialect(side, ident, exc.dialect)
+                return None
+            dialect = exc.dialect
+        except WireError as exc:
+            self.dropped(side, ident, str(exc))
+            return None
+        try:
+            return dialect, scanner(frame, dialect)
+        except WrongDialect:
+            self.dropped(side, ident, "holds the type keys of two dialects")
+        except WireError as exc:
+            self.dropped(side, ident, str(exc))
+        return None
+
     # -- clients ------------------------------------------------------------------
 
     def on_client_frame(self, ident: bytes, frame: bytes) -> None:
-        try:
-            msgtype, job_id, environment = wire.scan_client(frame)
-        except WireError as exc:
-            self.dropped("client", ident, str(exc))
+        registered = self.clients.get(ident, -1)
+        scanned = self._scan(wire.scan_client, "client", ident, frame,
+                             self.first_guess if registered < 0 else registered)
+        if scanned is None:
             return
+        dialect, (msgtype, job_id, environment, priority) = scanned
         if msgtype == CLIENT_HELLO:
-            self.client_hello(ident, frame)
+            self.client_hello(ident, frame, dialect)
             return
-        if ident not in self.clients:
+        if registered != dialect:
             # The real client answers `unknown` by aborting its jobs and saying hello again.
-            self.send_client(ident, protocol.UNKNOWN_FRAME)
+            self.send_client(ident, DIALECTS[dialect].unknown_frame)
             return
         if msgtype == CLIENT_NEW_JOB:
-            self.new_job(ident, job_id, environment, frame)
+            self.new_job(ident, dialect, job_id, environment, priority, frame)
         elif msgtype == PING:
-            self.send_client(ident, protocol.PONG_FRAME)
+            self.send_client(ident, DIALECTS[dialect].pong_frame)
         elif msgtype == CLIENT_KILL_JOB:
-            self.kill_job(ident, job_id)
+            self.kill_job(ident, job_id, dialect)
         elif msgtype == CLIENT_GET_QUEUE:
-            self.client_get_queue(ident)
+            self.client_get_queue(ident, dialect)
 
-    def new_job(self, ident: bytes, job_id: str, environment: str, frame: bytes) -> None:
-        key = wire.job_key(ident, job_id)
+    def new_job(self, ident: bytes, dialect: int, job_id: str, environment: object, priority: int,
+                frame: bytes) -> None:
+        key = wire.job_key(ident, job_id, dialect)
         if key in self.jobs:
-            self.dropped("client", ident, f"duplicate job id {job_id!r}")
+            self.duplicate_job(ident, job_id, dialect)
             return
-        job, agent = self.sched.submit(self.sched.env_id(environment))
+        job, agent = self.sched.submit(self.sched.env_id(environment), priority)
         if job >= len(self.job_key):
             # Doubling: the scheduler hands out indices one above the highest in use.
             grow = max(job + 1 - len(self.job_key), len(self.job_key))
             self.job_key.extend([None] * grow)
+            self.job_client.extend([None] * grow)
             self.job_frame.extend([None] * grow)
             self.job_started.extend([0.0] * grow)
         self.jobs[key] = job
         self.job_key[job] = key
+        self.job_client[job] = ident
         self.job_frame[job] = frame
         self.jobs_submitted += 1
         if self.log_jobs:
@@ -201,50 +257,52 @@ class BrokerCore:
 
     def dispatch(self, job: int, agent: int) -> None:
         """Send a job the scheduler has just started on ``agent``."""
-        key = self.job_key[job]
-        client = wire.key_client(key)
         self.job_started[job] = time.time()
         if self.log_jobs:
             self.job_event("sent", job, agent)
-        self.send_agent(self.agent_ident[agent], wire.splice_new_job(self.job_frame[job], client))
+        frame = wire.splice_new_job(self.job_frame[job], self.job_client[job],
+                                    wire.key_dialect(self.job_key[job]))
+        self.send_agent(self.agent_ident[agent], frame)
 
     def forget_job(self, job: int) -> None:
         del self.jobs[self.job_key[job]]
         self.job_key[job] = None
+        self.job_client[job] = None
         self.job_frame[job] = None
 
     # -- agents -------------------------------------------------------------------
 
     def on_agent_frame(self, ident: bytes, frame: bytes) -> None:
-        try:
-            msgtype, client, job_id = wire.scan_agent(frame)
-        except WireError as exc:
-            self.dropped("agent", ident, str(exc))
-            return
-        if msgtype == AGENT_HELLO:
-            self.agent_hello(ident, frame)
-            return
         agent = self.agents.get(ident, -1)
-        if agent < 0:
+        scanned = self._scan(wire.scan_agent, "agent", ident, frame,
+                             self.first_guess if agent < 0 else self.agent_dialect[agent])
+        if scanned is None:
+            return
+        dialect, (msgtype, client, job_id) = scanned
+        if msgtype == AGENT_HELLO:
+            self.agent_hello(ident, frame, dialect)
+            return
+        if agent < 0 or self.agent_dialect[agent] != dialect:
             self.dropped("agent", ident, "message from an agent that did not say hello")
             return
         if msgtype == PONG:
             self.agent_missed[agent] = 0
             return
-        job = self.jobs.get(wire.job_key(client, job_id), -1)
+        job = self.jobs.get(wire.job_key(client, job_id, dialect), -1)
         if job < 0 or self.sched.job_state(job) != JOB_RUNNING or self.sched.job_agent(job) != agent:
             self.dropped("agent", ident, f"message about job {job_id!r}, which is not running there")
             return
+        owner = self.job_client[job]
         if msgtype == AGENT_JOB_DONE:
             if self.log_jobs:
                 self.job_event("done", job, agent)
-            self.send_client(client, wire.splice_job_done(frame))
+            self.send_client(owner, wire.splice_job_done(frame, dialect))
             self.forget_job(job)
             self.jobs_done += 1
             following = self.sched.finish(job)
             if following >= 0:
                 self.dispatch(following, agent)
         elif msgtype == AGENT_JOB_STARTED:
-            self.send_client(client, wire.job_started(job_id))
+            self.send_client(owner, wire.job_started(job_id, dialect))
         elif msgtype == AGENT_JOB_SSH_DEBUG:
-            self.send_client(client, wire.splice_ssh_debug(frame))
+            self.send_client(owner, wire.splice_ssh_debug(frame, dialect))

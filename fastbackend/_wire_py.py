@@ -101,7 +101,8 @@ class _Side:
             for name in fields:
                 mask |= 1 << (self.ids[name.encode()] + 1)
             index = {self.ids[name.encode()]: i for i, name in enumerate(fields)}
-            self.types[msgname.encode()] = self.by_code[code] = _MessageType(code, msgname, mask, index, fields)
+            msgtype = _MessageType(code, msgname, mask, index, fields)
+            self.types[msgname.encode()] = self.by_code[code] = msgtype
 
     def rule(self, code: int, splice: protocol.Splice) -> _SpliceRule:
         fields = self.by_code[code].fields
@@ -113,9 +114,9 @@ class _Side:
 
 _CLIENT = [_Side(d, d.client_messages, d.client_kinds) for d in protocol.DIALECTS]
 _AGENT = [_Side(d, d.agent_messages, d.agent_kinds) for d in protocol.DIALECTS]
-_NEW_JOB = [side.rule(CLIENT_NEW_JOB, d.new_job) for side, d in zip(_CLIENT, protocol.DIALECTS, strict=True)]
-_JOB_DONE = [side.rule(AGENT_JOB_DONE, d.job_done) for side, d in zip(_AGENT, protocol.DIALECTS, strict=True)]
-_SSH_DEBUG = [side.rule(AGENT_JOB_SSH_DEBUG, d.ssh_debug) for side, d in zip(_AGENT, protocol.DIALECTS, strict=True)]
+_NEW_JOB = [_CLIENT[d.tag].rule(CLIENT_NEW_JOB, d.new_job) for d in protocol.DIALECTS]
+_JOB_DONE = [_AGENT[d.tag].rule(AGENT_JOB_DONE, d.job_done) for d in protocol.DIALECTS]
+_SSH_DEBUG = [_AGENT[d.tag].rule(AGENT_JOB_SSH_DEBUG, d.ssh_debug) for d in protocol.DIALECTS]
 _JOB_STARTED = [d.job_started_type.encode() for d in protocol.DIALECTS]
 _TYPE_KEYS = [d.type_key.encode() for d in protocol.DIALECTS]
 
@@ -596,7 +597,8 @@ def splice_new_job(frame: bytes, client_identity: bytes, dialect: int = V05) -> 
     if rule.job_id == "pair":
         # The client's job id keeps its own encoding, header included.
         start, end = _value(frame, scan, "job_id")
-        job_id_value = b"".join((b"\x92", _bin_header(len(client_identity)), client_identity, frame[start:end]))
+        job_id_value = b"".join(
+            (b"\x92", _bin_header(len(client_identity)), client_identity, frame[start:end]))
     return _splice(frame, scan, rule, job_id_value)
 
 

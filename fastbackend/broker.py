@@ -1,17 +1,24 @@
-"""The broker: INGInious 0.5 backend semantics over one of the two ``BrokerCore`` twins.
+"""The broker: INGInious backend semantics, both dialects, over one of the two ``BrokerCore`` twins.
 
 ``BrokerCore`` (compiled ``_broker_c`` or pure ``_broker_py``) drains the sockets and
 handles every per-job message.  This module adds what happens rarely and is the
-same for both: client and agent hellos, queue snapshots, the agents' heartbeat,
-removing agents, the environment list pushed to clients, and logging.
+same for both: client and agent hellos, kills, duplicate ids, queue snapshots, the
+agents' heartbeat, removing agents, the environment lists pushed to clients, and
+logging.  What differs between the dialects is data and a few encoders, taken from
+the ``protocol.Dialect`` of the peer concerned; each dialect's clients see only its
+own environments and jobs.
 
-Differences from the stock 0.5 backend, on purpose:
+Differences from the stock backends, on purpose (the README lists them per dialect):
 
 * environments of departed agents are withdrawn from the list sent to clients;
-* nothing is sent for a job after its result (stock forwards a late
-  ``agent_job_started``/ssh message, which kills the real client's receive loop);
+* nothing is sent for a job after its result (stock 0.5 forwards a late
+  ``agent_job_started``/ssh message, which kills the real client's receive loop;
+  stock 0.9.2 raises KeyError on them);
 * a bad frame is logged and dropped (stock lets the exception end its receive loop);
-* a duplicate job id from the same client is dropped (stock overwrites the first job);
+* only the agent running a job may speak of it;
+* 0.5: a duplicate job id from the same client is dropped (stock overwrites the first job);
+* 0.9: a killed waiting job is gone (stock keeps it in its heap, and a resubmitted id
+  then runs with the old input);
 * per-job log lines are DEBUG, with a periodic INFO summary instead.
 """
 
@@ -22,9 +29,9 @@ import time
 
 import zmq
 
-from . import protocol, sched, wire
+from . import sched, wire
 from ._select import twin
-from .protocol import WireError
+from .protocol import AGENT_HELLO, DIALECTS, V05, V09, WireError, decode
 
 logger = logging.getLogger("fastbackend.broker")
 
@@ -34,6 +41,8 @@ BrokerCore = _core.BrokerCore
 
 #: An agent that has not answered this many pings in a row is removed.
 MAX_MISSED_PINGS = 6
+#: Most slots an agent may announce (the scheduler's indices and counters are 31-bit).
+MAX_SLOTS = 0x7FFFFFFE
 
 
 class RateLimitedLog:
@@ -67,66 +76,74 @@ class RateLimitedLog:
 
 
 class QueueSnapshot:
-    """A ``backend_get_queue`` answer, built a slice at a time.
+    """A queue listing, built a slice at a time, answered in each asker's dialect.
 
     With a million jobs waiting, listing them takes seconds; built in one go, that
     would hold back the heartbeat (agents restart after 10 s without a ping).  The
     running jobs (bounded by the agents' slots) are listed at once; the waiting jobs
     are taken at the moment of the request and read a slice per loop turn, skipping
-    any that ended meanwhile (their key object is no longer the job's).
+    any that ended meanwhile (their key object is no longer the job's).  Each dialect's
+    clients see that dialect's jobs.
     """
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
-        self.waiters: list[bytes] = []
-        self.running = []
+        self.waiters: list[tuple[bytes, int]] = []
+        self.running: tuple[list, ...] = tuple([] for _ in DIALECTS)
+        self.waiting: tuple[list, ...] = tuple([] for _ in DIALECTS)
         for job in broker.sched.running_jobs():
-            job_id, course_id, task_id, launcher, time_limit = wire.queue_fields(broker.job_frame[job])
+            key = broker.job_key[job]
+            dialect = wire.key_dialect(key)
+            job_id, course_id, task_id, launcher, time_value = wire.queue_fields(broker.job_frame[job],
+                                                                                 dialect)
             started = int(broker.job_started[job])
-            self.running.append((job_id, wire.key_client(broker.job_key[job]),
-                                 broker.agent_name[broker.sched.job_agent(job)],
-                                 f"{course_id}/{task_id}", launcher, started, started + time_limit))
+            self.running[dialect].append(
+                (job_id, broker.job_client[job], broker.agent_name[broker.sched.job_agent(job)],
+                 f"{course_id}/{task_id}", launcher, started,
+                 DIALECTS[dialect].running_end(started, time_value)))
         self.jobs = broker.sched.waiting_jobs()
         self.keys = [broker.job_key[job] for job in self.jobs]
-        self.waiting: list[tuple] = []
         self.position = 0
 
     def step(self, budget: int) -> bool:
         """Read up to ``budget`` more waiting jobs; True when all are read."""
-        job_key, job_frame = self.broker.job_key, self.broker.job_frame
+        job_key, job_frame, job_client = self.broker.job_key, self.broker.job_frame, self.broker.job_client
         end = min(self.position + budget, len(self.jobs))
         for job, key in zip(self.jobs[self.position:end], self.keys[self.position:end], strict=True):
             if job_key[job] is key:
-                job_id, course_id, task_id, launcher, time_limit = wire.queue_fields(job_frame[job])
-                self.waiting.append(
-                    (job_id, wire.key_client(key), f"{course_id}/{task_id}", launcher, time_limit))
+                dialect = wire.key_dialect(key)
+                job_id, course_id, task_id, launcher, time_value = wire.queue_fields(job_frame[job], dialect)
+                self.waiting[dialect].append(
+                    (job_id, job_client[job], f"{course_id}/{task_id}", launcher, time_value))
         self.position = end
         return end == len(self.jobs)
 
-    def frame_for(self, client: bytes) -> bytes:
-        # Entries hold the client identity where the answer has is_current_client; plain
+    def frame_for(self, client: bytes, dialect: int) -> bytes:
+        # Entries hold the owner's identity where the answer has is_current_client; plain
         # tuple unpacking keeps this one pass over a million jobs at about 0.2 s.
         running = [(job, owner == client, agent, info, launcher, started, end)
-                   for job, owner, agent, info, launcher, started, end in self.running]
+                   for job, owner, agent, info, launcher, started, end in self.running[dialect]]
         waiting = [(job, owner == client, info, launcher, limit)
-                   for job, owner, info, launcher, limit in self.waiting]
-        return protocol.get_queue_frame(running, waiting)
+                   for job, owner, info, launcher, limit in self.waiting[dialect]]
+        return DIALECTS[dialect].get_queue_frame(running, waiting)
 
 
 class BrokerLogic:
-    """The rare half of the INGInious 0.5 backend, shared by both cores.
+    """The rare half of the INGInious backend, shared by both cores and both dialects.
 
     Mixed in before a ``BrokerCore`` (``Broker`` below uses the selected one; tests
     build one on each), whose hooks it implements and whose state it uses.
     """
 
-    def __init__(self, agent_socket: zmq.Socket, client_socket: zmq.Socket) -> None:
-        super().__init__(agent_socket, client_socket)
+    def __init__(self, agent_socket: zmq.Socket, client_socket: zmq.Socket,
+                 dialect: int | None = None) -> None:
+        super().__init__(agent_socket, client_socket, dialect)
         self.agent_name: list[str] = []
-        self.agent_envs: list[tuple[str, ...]] = []
-        # name -> (id, created, number of live agents offering it); insertion order is
-        # the order clients see, as in stock.
-        self.environments: dict[str, list] = {}
+        self.agent_envs: list[tuple] = []
+        # Per dialect: environment key -> [image id, created, number of live agents
+        # offering it]; insertion order is the order clients see, as in stock.  Keys
+        # are names in 0.5 and (type, name) pairs in 0.9, as in the scheduler.
+        self.environments: tuple[dict, ...] = tuple({} for _ in DIALECTS)
         self.bad_input = RateLimitedLog(logger)
         self.snapshot: QueueSnapshot | None = None
         self.log_jobs = logger.isEnabledFor(logging.DEBUG)
@@ -139,12 +156,18 @@ class BrokerLogic:
         self.frames_dropped += 1
         self.bad_input.warning("dropped a frame from %s %s: %s", side, ident.hex(), reason)
 
+    def wrong_dialect(self, side: str, ident: bytes, dialect: int) -> None:
+        self.frames_dropped += 1
+        self.bad_input.warning("dropped a frame from %s %s: it speaks dialect %s, and this broker serves "
+                               "dialect %s only (--dialect)", side, ident.hex(), DIALECTS[dialect].name,
+                               DIALECTS[self.pinned].name)
+
     def job_event(self, event: str, job: int, agent: int) -> None:
-        client, job_id = wire.split_key(self.job_key[job])
-        client = client.hex()
+        client, job_id = self.job_client[job].hex(), wire.key_job_id(self.job_key[job])
         if event == "queued":
-            logger.debug("job %s %s queued for environment %s", client, job_id,
-                         self.sched.env_name(self.sched.job_env(job)))
+            logger.debug("job %s %s queued for environment %s, priority %d", client, job_id,
+                         _env_text(self.sched.env_name(self.sched.job_env(job))),
+                         self.sched.job_priority(job))
         else:
             logger.debug("job %s %s %s agent %s (%s)", client, job_id,
                          "sent to" if event == "sent" else "done on",
@@ -158,20 +181,20 @@ class BrokerLogic:
         logger.debug("%s %s is gone; a frame for it was dropped", side, ident.hex())
         if side == "client":
             # Its identity will never come back (a reconnecting peer gets a new one).
-            self.clients.discard(ident)
+            self.clients.pop(ident, None)
 
     # -- clients ------------------------------------------------------------------
 
-    def client_hello(self, ident: bytes, frame: bytes) -> None:
-        logger.info("new client %s", ident.hex())
-        self.clients.add(ident)
-        self.send_client(ident, protocol.update_containers_frame(tuple(self.environments)))
+    def client_hello(self, ident: bytes, frame: bytes, dialect: int) -> None:
+        logger.info("new client %s (dialect %s)", ident.hex(), DIALECTS[dialect].name)
+        self.clients[ident] = dialect
+        self.send_client(ident, DIALECTS[dialect].environments_frame(self.environments[dialect]))
 
-    def client_get_queue(self, ident: bytes) -> None:
+    def client_get_queue(self, ident: bytes, dialect: int) -> None:
         # Answered once the snapshot is complete; clients asking meanwhile share it.
         if self.snapshot is None:
             self.snapshot = QueueSnapshot(self)
-        self.snapshot.waiters.append(ident)
+        self.snapshot.waiters.append((ident, dialect))
 
     def background(self, budget: int) -> bool:
         """Advance slow work (the queue snapshot) by ``budget`` jobs; True if some remains."""
@@ -180,79 +203,83 @@ class BrokerLogic:
         if not self.snapshot.step(budget):
             return True
         snapshot, self.snapshot = self.snapshot, None
-        for client in snapshot.waiters:
-            self.send_client(client, snapshot.frame_for(client))
+        for client, dialect in snapshot.waiters:
+            self.send_client(client, snapshot.frame_for(client, dialect))
         return False
 
-    def kill_job(self, ident: bytes, job_id: str) -> None:
+    def duplicate_job(self, ident: bytes, job_id: str, dialect: int) -> None:
+        """A new job whose id is already waiting or running (0.9: from any client)."""
+        answer = DIALECTS[dialect].duplicate_frame
+        if answer is None:
+            self.dropped("client", ident, f"duplicate job id {job_id!r}")
+            return
+        logger.info("client %s submitted job %s, whose id is already in use: answered with a crash",
+                    ident.hex(), job_id)
+        self.send_client(ident, answer(job_id))
+
+    def kill_job(self, ident: bytes, job_id: str, dialect: int) -> None:
         """A waiting job ends at once (killed); a running one is killed by its agent,
-        whose own ``agent_job_done`` then ends it."""
-        job = self.jobs.get(wire.job_key(ident, job_id), -1)
+        whose own result then ends it.  In 0.9 any client may kill any job (ids are
+        global); the result goes to the job's owner."""
+        job = self.jobs.get(wire.job_key(ident, job_id, dialect), -1)
         if job < 0:
             self.dropped("client", ident, f"kill of unknown job {job_id!r}")
             return
+        state = wire.submission_state(self.job_frame[job], dialect) if dialect == V09 else None
+        owner = self.job_client[job]
         if self.sched.job_state(job) == sched.JOB_WAITING:
             self.sched.cancel(job)
             self.forget_job(job)
-            # Stock answers with empty outputs here (and None for a crash).
-            self.send_client(ident, protocol.job_done_frame(job_id, "killed", "You killed the job", ""))
+            self.send_client(owner, DIALECTS[dialect].killed_frame(job_id, state))
         else:
             agent = self.sched.job_agent(job)
-            self.send_agent(self.agent_ident[agent], protocol.kill_job_frame(ident, job_id))
+            self.send_agent(self.agent_ident[agent], DIALECTS[dialect].kill_job_frame(owner, job_id, state))
 
-    def push_environments(self) -> None:
-        frame = protocol.update_containers_frame(tuple(self.environments))
-        for client in list(self.clients):
-            self.send_client(client, frame)
+    def push_environments(self, dialect: int) -> None:
+        frame = DIALECTS[dialect].environments_frame(self.environments[dialect])
+        for client, client_dialect in list(self.clients.items()):
+            if client_dialect == dialect:
+                self.send_client(client, frame)
 
     # -- agents -------------------------------------------------------------------
 
-    def agent_hello(self, ident: bytes, frame: bytes) -> None:
+    def agent_hello(self, ident: bytes, frame: bytes, dialect: int) -> None:
         try:
-            hello = protocol.decode(frame)
-            name, slots, containers = self._check_hello(hello)
+            name, slots, environments = _check_hello(dialect, decode(frame))
         except (WireError, ValueError, TypeError) as exc:
-            self.dropped("agent", ident, f"bad agent_hello: {exc}")
+            self.dropped("agent", ident, f"bad {DIALECTS[dialect].agent_type(AGENT_HELLO)}: {exc}")
             return
-        logger.info("agent %s (%s) said hello: %d slots, environments %s",
-                    ident.hex(), name, slots, ", ".join(containers) or "none")
+        logger.info("agent %s (%s) said hello in dialect %s: %d slots, environments %s",
+                    ident.hex(), name, DIALECTS[dialect].name, slots,
+                    ", ".join(_env_text(env) for env in environments) or "none")
         if ident in self.agents:
             # Same socket, new hello: the agent restarted and lost its jobs.
             self.remove_agent(self.agents[ident], "said hello again")
-        agent = self.sched.add_agent(slots, [self.sched.env_id(env) for env in containers])
+        agent = self.sched.add_agent(slots, [self.sched.env_id(env) for env in environments])
         if agent >= len(self.agent_ident):
             grow = agent + 1 - len(self.agent_ident)
             self.agent_ident.extend([None] * grow)
+            self.agent_dialect.extend([V05] * grow)
             self.agent_missed.extend([0] * grow)
             self.agent_name.extend([""] * grow)
             self.agent_envs.extend([()] * grow)
         self.agents[ident] = agent
         self.agent_ident[agent] = ident
+        self.agent_dialect[agent] = dialect
         self.agent_missed[agent] = 0
         self.agent_name[agent] = name
-        self.agent_envs[agent] = tuple(containers)
-        for env, info in containers.items():
-            self._register_environment(env, info["id"], info["created"], name)
+        self.agent_envs[agent] = tuple(environments)
+        for env, (image_id, created) in environments.items():
+            self._register_environment(dialect, env, image_id, created, name)
         while (job := self.sched.next_job(agent)) >= 0:
             self.dispatch(job, agent)
-        self.push_environments()
+        self.push_environments(dialect)
 
-    @staticmethod
-    def _check_hello(hello: object) -> tuple[str, int, dict]:
-        # wire.scan_agent has checked the key set and the top-level field types.
-        name = hello["friendly_name"]
-        slots = hello["available_job_slots"]
-        containers = hello["available_containers"]
-        for env, info in containers.items():
-            if (not isinstance(env, str) or not isinstance(info, dict) or set(info) != {"id", "created"}
-                    or not isinstance(info["id"], str) or not isinstance(info["created"], int)):
-                raise ValueError(f"environment {env!r} is not described by {{id: str, created: int}}")
-        return name, slots, containers
-
-    def _register_environment(self, env: str, image_id: str, created: int, agent_name: str) -> None:
-        known = self.environments.get(env)
+    def _register_environment(self, dialect: int, env: object, image_id: str, created: int,
+                              agent_name: str) -> None:
+        known = self.environments[dialect].get(env)
         if known is None:
-            self.environments[env] = [image_id, created, 1]
+            self.environments[dialect][env] = [image_id, created, 1]
             return
         known[2] += 1
         if known[0] != image_id:
@@ -260,30 +287,32 @@ class BrokerLogic:
             # the agent that runs them.  Stock keeps the newest as the reference.
             logger.warning("environment %s has several versions: %s (created %d) registered, "
                            "agent %s offers %s (created %d)",
-                           env, known[0], known[1], agent_name, image_id, created)
+                           _env_text(env), known[0], known[1], agent_name, image_id, created)
             if created > known[1]:
                 known[0], known[1] = image_id, created
 
     def remove_agent(self, agent: int, why: str) -> None:
         """Forget an agent; each job it was running ends with a crash result."""
         ident = self.agent_ident[agent]
+        dialect = DIALECTS[self.agent_dialect[agent]]
         logger.warning("agent %s (%s) %s: removing it", ident.hex(), self.agent_name[agent], why)
         for job in self.sched.remove_agent(agent):
-            client, job_id = wire.split_key(self.job_key[job])
+            owner, job_id = self.job_client[job], wire.key_job_id(self.job_key[job])
             self.forget_job(job)
-            self.send_client(client, protocol.job_done_frame(job_id, "crash", "Agent restarted"))
+            self.send_client(owner, dialect.agent_lost_frame(job_id))
         del self.agents[ident]
         self.agent_ident[agent] = None
+        environments = self.environments[dialect.tag]
         changed = False
         for env in self.agent_envs[agent]:
-            known = self.environments[env]
+            known = environments[env]
             known[2] -= 1
             if known[2] == 0:
-                del self.environments[env]
+                del environments[env]
                 changed = True
         self.agent_envs[agent] = ()
         if changed:
-            self.push_environments()
+            self.push_environments(dialect.tag)
 
     def heartbeat(self) -> None:
         """Called every second: ping every agent, remove those that stopped answering."""
@@ -292,7 +321,7 @@ class BrokerLogic:
                 self.remove_agent(agent, f"did not answer {MAX_MISSED_PINGS} pings")
             else:
                 self.agent_missed[agent] += 1
-                self.send_agent(ident, protocol.PING_FRAME)
+                self.send_agent(ident, DIALECTS[self.agent_dialect[agent]].ping_frame)
 
     def summary(self) -> None:
         """Log one INFO line about the last period, if anything happened."""
@@ -307,5 +336,45 @@ class BrokerLogic:
                         self.sched.running_count(), len(self.agents), len(self.clients), self.frames_dropped)
 
 
+def _env_text(env: object) -> str:
+    """An environment key as the log shows it: ``name`` (0.5) or ``type/name`` (0.9)."""
+    return env if isinstance(env, str) else "/".join(env)
+
+
+def _check_hello(dialect: int, hello: dict) -> tuple[str, int, dict]:
+    """(name, slots, {environment key: (image id, created)}) from an agent hello.
+
+    ``wire.scan_agent`` has checked the key set and the top-level field types.
+    """
+    name = hello["friendly_name"]
+    slots = hello["available_job_slots"]
+    if slots > MAX_SLOTS:
+        raise ValueError(f"available_job_slots {slots} is more than {MAX_SLOTS}")
+    environments = {}
+    if dialect == V05:
+        for env, info in hello["available_containers"].items():
+            if not isinstance(env, str) or not isinstance(info, dict) or set(info) != {"id", "created"}:
+                raise ValueError(f"environment {env!r} is not described by {{id: str, created: int}}")
+            environments[env] = _image(env, info)
+    else:
+        for env_type, names in hello["available_environments"].items():
+            if not isinstance(env_type, str) or not isinstance(names, dict):
+                raise ValueError(f"environment type {env_type!r} is not a str mapping names to descriptions")
+            for env, info in names.items():
+                if (not isinstance(env, str) or not isinstance(info, dict)
+                        or not {"id", "created"} <= set(info)):
+                    raise ValueError(f"environment {env_type}/{env!r} is not described by "
+                                     "{id: str, created: int, ...}")
+                environments[(env_type, env)] = _image(f"{env_type}/{env}", info)
+    return name, slots, environments
+
+
+def _image(env: str, info: dict) -> tuple[str, int]:
+    image_id, created = info["id"], info["created"]
+    if not isinstance(image_id, str) or not isinstance(created, int):
+        raise ValueError(f"environment {env!r} is not described by {{id: str, created: int}}")
+    return image_id, created
+
+
 class Broker(BrokerLogic, BrokerCore):
-    """The INGInious 0.5 backend state machine on the selected core, driven by ``server.Backend``."""
+    """The INGInious backend state machine on the selected core, driven by ``server.Backend``."""

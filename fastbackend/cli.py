@@ -1,4 +1,5 @@
-"""``fastbackend serve AGENT_ADDR CLIENT_ADDR [-v] [--debugmode]``: the drop-in for ``inginious-backend``."""
+"""``fastbackend serve AGENT_ADDR CLIENT_ADDR [-v] [--debugmode] [--dialect 0.5|0.9]``: the drop-in for
+``inginious-backend`` of INGInious 0.5 and 0.7-0.9.2."""
 
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     serve.add_argument("client", help="address the clients connect to, e.g. tcp://127.0.0.1:2000")
     serve.add_argument("-v", "--verbose", action="store_true", help="log every job (DEBUG)")
     serve.add_argument("--debugmode", action="store_true", help="asyncio debug mode (for developers)")
+    serve.add_argument("--dialect", choices=("0.5", "0.9"), default=None,
+                       help="serve only this INGInious dialect (0.5, or 0.9 for INGInious 0.7-0.9.2); "
+                            "by default each peer is served in the dialect it speaks")
     return parser.parse_args(argv)
 
 
@@ -57,7 +61,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.debugmode:
         loop.set_debug(True)
     context = zmq.Context()
-    backend = Backend(context, args.agent, args.client)
+    backend = Backend(context, args.agent, args.client, args.dialect)
     task = loop.create_task(backend.run())
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, task.cancel)

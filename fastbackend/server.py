@@ -22,7 +22,7 @@ import logging
 import zmq
 
 from .broker import Broker
-from .protocol import MAX_FRAME_SIZE
+from .protocol import BY_NAME, MAX_FRAME_SIZE
 
 logger = logging.getLogger("fastbackend.server")
 
@@ -67,9 +67,16 @@ class Backend:
     (the INGInious webapp's local mode passes the latter, with ``inproc://``
     addresses): sockets are made from a plain shadow of the same libzmq context, so
     ``inproc://`` peers of the caller's context reach them.
+
+    ``dialect`` is None to serve each peer in the dialect of its frames (INGInious 0.5
+    and 0.7-0.9.2 side by side), or ``"0.5"`` / ``"0.9"`` to serve that one only.
     """
 
-    def __init__(self, context: zmq.Context, agent_addr: str, client_addr: str) -> None:
+    def __init__(self, context: zmq.Context, agent_addr: str, client_addr: str,
+                 dialect: str | None = None) -> None:
+        if dialect is not None and dialect not in BY_NAME:
+            raise ValueError(f"dialect must be one of {', '.join(BY_NAME)} or None, not {dialect!r}")
+        self._dialect = dialect
         self._context = zmq.Context.shadow(context.underlying)
         self._agent_addr = agent_addr
         self._client_addr = client_addr
@@ -88,9 +95,11 @@ class Backend:
         except BaseException:
             agent_socket.close(0)
             raise
-        self.broker = Broker(agent_socket, client_socket)
-        logger.info("fastbackend started (%s core): agents on %s, clients on %s",
-                    self.broker.IMPL, self._agent_addr, self._client_addr)
+        self.broker = Broker(agent_socket, client_socket,
+                             None if self._dialect is None else BY_NAME[self._dialect].tag)
+        logger.info("fastbackend started (%s core, dialect %s): agents on %s, clients on %s",
+                    self.broker.IMPL, self._dialect or " and ".join(BY_NAME), self._agent_addr,
+                    self._client_addr)
         fds = [agent_socket.getsockopt(zmq.FD), client_socket.getsockopt(zmq.FD)]
         for fd in fds:
             self._loop.add_reader(fd, self._pump)

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from fastbackend import _broker_py, protocol
 from fastbackend.broker import BrokerLogic
+from fastbackend.protocol import V05, V09
 from fastbackend.server import make_router
 
 NO_EXTENSIONS = os.environ.get("FASTBACKEND_NO_EXTENSIONS", "") not in ("", "0")
@@ -58,6 +59,33 @@ def job_done(job_id: tuple[bytes, str], result: str = "success") -> bytes:
                 archive=b"\x00\xff" * 100, stdout="out ✓", stderr="")
 
 
+# Dialect 0.9 frames, with "@type" last as the real peers write them.
+def pack9(msgtype: str, **fields: Any) -> bytes:
+    return msgpack.packb({**fields, "@type": msgtype}, use_bin_type=True)
+
+
+def new_job9(job_id: str, environment: str = "default", env_type: str = "docker", priority: int = 0,
+             state: str = "s0") -> bytes:
+    return pack9("ClientNewJob", job_id=job_id, priority=priority, course_id="course", task_id="task",
+                 task_problems={"q": {"type": "code"}}, inputdata={"answer": "é" * 3, "@state": state},
+                 environment_type=env_type, environment=environment,
+                 environment_parameters={"limits": {"time": 20}}, debug=False, launcher="tests")
+
+
+def agent_hello9(name: str, slots: int, environments: list[tuple[str, str]]) -> bytes:
+    described: dict[str, dict] = {}
+    for env_type, env in environments:
+        described.setdefault(env_type, {})[env] = {"id": f"sha256:{env}", "created": 1, "ports": [22]}
+    return pack9("AgentHello", friendly_name=name, available_job_slots=slots,
+                 available_environments=described)
+
+
+def job_done9(job_id: str, result: str = "success") -> bytes:
+    return pack9("AgentJobDone", job_id=job_id, result=(result, "fine"), grade=100.0,
+                 problems={"p": ("success", "ok")}, tests={}, custom={"k": [1, 2]}, state="s1",
+                 archive=b"\x00\xff" * 100, stdout="out ✓", stderr="")
+
+
 class Harness:
     """One broker on one core, with named DEALER peers; all over inproc."""
 
@@ -77,11 +105,11 @@ class Harness:
         self.peers: dict[str, zmq.Socket] = {}
 
     def peer(self, name: str) -> zmq.Socket:
-        """A DEALER named ``c…`` (client) or ``a…`` (agent), created on first use."""
+        """A DEALER named ``c…``/``d…`` (client) or ``a…``/``b…`` (agent), created on first use."""
         if name not in self.peers:
             socket = self.ctx.socket(zmq.DEALER)
             socket.setsockopt(zmq.ROUTING_ID, name.encode())
-            socket.connect(self.client_addr if name.startswith("c") else self.agent_addr)
+            socket.connect(self.client_addr if name[0] in "cd" else self.agent_addr)
             self.peers[name] = socket
         return self.peers[name]
 
@@ -138,8 +166,8 @@ def test_snapshot_is_built_in_slices_and_skips_jobs_that_ended(harness: Harness)
     assert harness.broker.snapshot is not None
     assert harness.broker.background(10)  # 10 of 50 read: more to do
     # Two jobs end while the snapshot is being built: one already read, one not yet.
-    harness.broker.kill_job(b"c1", "w5")
-    harness.broker.kill_job(b"c1", "w30")
+    harness.broker.kill_job(b"c1", "w5", V05)
+    harness.broker.kill_job(b"c1", "w30", V05)
     steps = 1
     while harness.broker.background(10):
         steps += 1
@@ -167,20 +195,24 @@ def test_clients_asking_during_a_snapshot_share_it(harness: Harness) -> None:
 
 # -- differential: a random conversation, replayed on both cores -------------------------
 
-CLIENTS = ["c1", "c2"]
-AGENTS = ["a1", "a2", "a3"]
+# Peers: c* and a* speak 0.5, d* and b* speak 0.9; all on one broker serving both.
+CLIENTS = ["c1", "c2", "d1", "d2"]
+AGENTS = ["a1", "a2", "a3", "b1", "b2"]
 ENVS = ["default", "java", "absent"]
+DIALECT_OF = {name: V09 if name[0] in "db" else V05 for name in CLIENTS + AGENTS}
 
 # The per-job steps are listed several times so that random conversations often get
 # as far as results (a uniform choice rarely would).
 job_step = st.tuples(st.just("job"), st.sampled_from(CLIENTS), st.integers(0, 12),
-                     st.sampled_from(["default"] * 3 + ENVS))
-agent_steps = [st.tuples(st.just(kind), st.sampled_from(AGENTS[:1] * 3 + AGENTS), st.integers(0, 5))
+                     st.sampled_from(["default"] * 3 + ENVS), st.sampled_from([0, 0, 1, 5, -3]))
+agent_steps = [st.tuples(st.just(kind), st.sampled_from(["a1", "b1"] * 3 + AGENTS), st.integers(0, 5))
                for kind in ("started", "done", "done", "ssh")]
 steps = st.one_of(
     job_step, job_step, job_step, *agent_steps, *agent_steps,
     st.tuples(st.just("hello"), st.sampled_from(CLIENTS)),
-    st.tuples(st.just("kill"), st.sampled_from(CLIENTS), st.integers(0, 12)),
+    # A kill names the latest job of that name of the client itself, or (0.9: ids are
+    # global, any client may kill) of the other client of its dialect.
+    st.tuples(st.just("kill"), st.sampled_from(CLIENTS), st.integers(0, 12), st.booleans()),
     st.tuples(st.just("queue"), st.sampled_from(CLIENTS)),
     st.tuples(st.just("ping"), st.sampled_from(CLIENTS)),
     st.tuples(st.just("agent"), st.sampled_from(AGENTS), st.integers(0, 3),
@@ -188,50 +220,71 @@ steps = st.one_of(
     st.tuples(st.just("pong"), st.sampled_from(AGENTS)),
     st.tuples(st.just("heartbeat")),
     st.tuples(st.just("garbage"), st.sampled_from(CLIENTS + AGENTS), st.binary(max_size=12)),
+    # A job id another client of the same dialect already uses (0.9: answered as a duplicate).
+    st.tuples(st.just("reuse"), st.sampled_from(CLIENTS), st.integers(0, 12)),
 )
-# Conversations open with both clients registered and one agent offering "default".
-OPENING = [("hello", "c1"), ("hello", "c2"), ("agent", "a1", 2, ["default"])]
+# Conversations open with every client registered and one agent of each dialect offering "default".
+OPENING = [("hello", name) for name in CLIENTS] + [("agent", "a1", 2, ["default"]),
+                                                   ("agent", "b1", 2, ["default"])]
+
+
+def _other(client: str) -> str:
+    return {"c1": "c2", "c2": "c1", "d1": "d2", "d2": "d1"}[client]
 
 
 def replay(core: type, script: list[tuple]) -> dict[str, list[bytes]]:
     """Run ``script`` on a fresh broker; every peer's received frames, in order."""
     h = Harness(core)
     inbox: dict[str, list[bytes]] = {name: [] for name in CLIENTS + AGENTS}
-    jobs_seen: dict[str, list[tuple[bytes, str]]] = {name: [] for name in AGENTS}
+    jobs_seen: dict[str, list] = {name: [] for name in AGENTS}
     latest: dict[tuple[str, int], str] = {}
     submissions = itertools.count()
     try:
         for step in script:
             kind, who = step[0], step[1] if len(step) > 1 else None
+            v09 = who is not None and DIALECT_OF[who] == V09
             if kind == "hello":
-                h.send(who, pack(type="client_hello", name=who))
+                h.send(who, pack9("ClientHello", name=who) if v09 else pack(type="client_hello", name=who))
             elif kind == "job":
                 # Real clients never reuse a job id (uuid4); a step may repeat a name, so
                 # each submission gets its own id, and kills name the latest of that name.
                 latest[(who, step[2])] = job_id = f"{who}-{step[2]}-{next(submissions)}"
-                h.send(who, new_job(job_id, step[3]))
+                h.send(who, new_job9(job_id, step[3], priority=step[4]) if v09 else new_job(job_id, step[3]))
+            elif kind == "reuse":
+                job_id = latest.get((_other(who), step[2]), "never")
+                h.send(who, new_job9(job_id) if v09 else new_job(job_id))
             elif kind == "kill":
-                h.send(who, pack(type="client_kill_job", job_id=latest.get((who, step[2]), "never")))
+                owner = _other(who) if step[3] else who
+                job_id = latest.get((owner, step[2]), "never")
+                h.send(who, pack9("ClientKillJob", job_id=job_id) if v09
+                       else pack(type="client_kill_job", job_id=job_id))
             elif kind == "queue":
-                h.send(who, pack(type="client_get_queue"))
+                h.send(who, pack9("ClientGetQueue") if v09 else pack(type="client_get_queue"))
             elif kind == "ping":
-                h.send(who, pack(type="ping"))
+                h.send(who, pack9("Ping") if v09 else pack(type="ping"))
             elif kind == "agent":
-                h.send(who, agent_hello(who, step[2], step[3]))
+                h.send(who, agent_hello9(who, step[2], [("docker", env) for env in step[3]]) if v09
+                       else agent_hello(who, step[2], step[3]))
             elif kind in ("started", "done", "ssh"):
                 # Mostly about a job the agent holds; sometimes one it finished, or none.
                 seen = jobs_seen[who]
-                job_id = seen[step[2] % len(seen)] if seen else (b"c1", "nothing")
+                job_id = seen[step[2] % len(seen)] if seen else ("nothing" if v09 else (b"c1", "nothing"))
                 if kind == "done" and seen and step[2] < 4:
                     seen.remove(job_id)
                     seen.append(job_id)  # finished jobs move to the back: picked less often
-                frame = {"started": lambda j: pack(type="agent_job_started", job_id=j),
-                         "done": job_done,
-                         "ssh": lambda j: pack(type="agent_job_ssh_debug", job_id=j, host="h", port=22,
-                                               password="pw")}[kind](job_id)
+                if v09:
+                    frame = {"started": lambda j: pack9("AgentJobStarted", job_id=j),
+                             "done": job_done9,
+                             "ssh": lambda j: pack9("AgentJobSSHDebug", job_id=j, host="h", port=22,
+                                                    user="worker", password="pw")}[kind](job_id)
+                else:
+                    frame = {"started": lambda j: pack(type="agent_job_started", job_id=j),
+                             "done": job_done,
+                             "ssh": lambda j: pack(type="agent_job_ssh_debug", job_id=j, host="h", port=22,
+                                                   password="pw")}[kind](job_id)
                 h.send(who, frame)
             elif kind == "pong":
-                h.send(who, pack(type="pong"))
+                h.send(who, pack9("Pong") if v09 else pack(type="pong"))
             elif kind == "heartbeat":
                 h.broker.heartbeat()
                 h.settle()
@@ -243,41 +296,53 @@ def replay(core: type, script: list[tuple]) -> dict[str, list[bytes]]:
                 if name in jobs_seen:
                     for frame in frames:
                         message = protocol.decode(frame)
-                        if message["type"] == "backend_new_job":
+                        if message.get("type", message.get("@type")) in ("backend_new_job", "BackendNewJob"):
                             jobs_seen[name].append(message["job_id"])
     finally:
         h.close()
     return inbox
 
 
+def _type(message: dict) -> str:
+    return message["type"] if "type" in message else message["@type"]
+
+
 def comparable(frame: bytes) -> Any:
     """Frames compare byte for byte, except snapshot times (whole seconds of the wall clock)."""
     message = protocol.decode(frame)
-    if message["type"] == "backend_get_queue":
-        return ("backend_get_queue", tuple(entry[:5] for entry in message["jobs_running"]),
+    if _type(message) in ("backend_get_queue", "BackendGetQueue"):
+        return (_type(message), tuple(entry[:5] for entry in message["jobs_running"]),
                 message["jobs_waiting"])
     return frame
 
 
 def check_protocol(inbox: dict[str, list[bytes]]) -> None:
-    """What the real peers rely on: one result per job, nothing after it, exact key sets."""
-    for name in CLIENTS:
+    """What the real peers rely on: one result per job, nothing after it, exact key sets,
+    each peer only ever hearing its own dialect."""
+    for name in CLIENTS + AGENTS:
+        dialect = protocol.DIALECTS[DIALECT_OF[name]]
         finished: set[str] = set()
         for frame in inbox[name]:
             message = protocol.decode(frame)
-            fields = protocol.BACKEND_MESSAGES[message["type"]]
-            assert set(message) == {*fields, "type"}
+            msgtype = message[dialect.type_key]
+            assert set(message) == {*dialect.backend_messages[msgtype], dialect.type_key}
+            if name in AGENTS:
+                continue
             job_id = message.get("job_id")
-            if message["type"] in ("backend_job_done", "backend_job_started", "backend_job_ssh_debug"):
-                assert job_id not in finished, f"{message['type']} for {job_id} after its result"
-            if message["type"] == "backend_job_done":
+            if msgtype in ("backend_job_done", "backend_job_started", "backend_job_ssh_debug",
+                           "BackendJobDone", "BackendJobStarted", "BackendJobSSHDebug"):
+                if not str(job_id).startswith(f"{name}-"):
+                    continue  # a "reuse" step: the sender's own job of another client's id
+                assert job_id not in finished, f"{msgtype} for {job_id} after its result"
+            if msgtype in ("backend_job_done", "BackendJobDone"):
                 finished.add(job_id)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(steps, min_size=5, max_size=40))
 def test_cores_agree_on_random_conversations(script: list[tuple]) -> None:
-    """Every core (both unless FASTBACKEND_NO_EXTENSIONS) sends the same frames; they obey the protocol."""
+    """Every core (both unless FASTBACKEND_NO_EXTENSIONS) sends the same frames, in both
+    dialects at once; they obey the protocol."""
     script = OPENING + script
     pure = replay(CORES["py"], script)
     check_protocol(pure)
@@ -303,7 +368,8 @@ def test_environment_versions_conflict_is_warned_and_both_agents_serve(harness: 
     harness.send("c1", new_job("j1"))
     harness.send("c1", new_job("j2"))
     assert len(harness.received("a1")) == 1 and len(harness.received("a2")) == 1
-    assert harness.broker.environments["default"][:2] == ["sha256:other", 5]  # the newest is the reference
+    # The newest is the reference.
+    assert harness.broker.environments[V05]["default"][:2] == ["sha256:other", 5]
 
 
 @pytest.mark.parametrize("containers", [

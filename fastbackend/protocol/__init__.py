@@ -43,6 +43,10 @@ AGENT_JOB_SSH_DEBUG = 10
 V05 = 0
 V09 = 1
 
+#: The dialect a frame from a peer not yet known is scanned as first, when the broker
+#: serves both: today's INGInious.  A 0.5 peer costs one more scan, on its hello.
+FIRST_GUESS = V09
+
 #: Longest frame the broker accepts (archives of a few MiB are normal; a frame
 #: this large is a broken or hostile peer).
 MAX_FRAME_SIZE = 256 * 1024 * 1024
