@@ -223,10 +223,11 @@ cdef class BrokerCore:
         return PyBytes_FromStringAndSize(<const char*>lz.msg_data(ident), lz.msg_size(ident))
 
     cdef int _scan(self, bint from_agent, bytes ident, const char* data, Py_ssize_t size, int dialect,
-                   Scan* scan) except -1:
+                   bint known, Scan* scan) except -1:
         """Scan as ``dialect``, or as the dialect the frame turns out to be in (see
         ``_broker_py.BrokerCore._scan``); 1 when scanned, 0 when the frame was dropped."""
         cdef str side = "agent" if from_agent else "client"
+        first_error = None
         try:
             if from_agent:
                 scan_agent_c(dialect, data, size, scan)
@@ -239,17 +240,21 @@ cdef class BrokerCore:
                 return 0
             dialect = exc.dialect
         except WireError as exc:
-            self.dropped(side, ident, str(exc))
-            return 0
+            if known or self.pinned is not None:
+                self.dropped(side, ident, str(exc))
+                return 0
+            dialect, first_error = 1 - dialect, exc  # the other of the two dialects
         try:
             if from_agent:
                 scan_agent_c(dialect, data, size, scan)
             else:
                 scan_client_c(dialect, data, size, scan)
             return 1
-        except WrongDialect:
-            self.dropped(side, ident, "holds the type keys of two dialects")
         except WireError as exc:
+            if first_error is not None:
+                exc = first_error
+            elif isinstance(exc, WrongDialect):
+                exc = WireError("holds the type keys of two dialects")
             self.dropped(side, ident, str(exc))
         return 0
 
@@ -261,8 +266,8 @@ cdef class BrokerCore:
         cdef Py_ssize_t size = lz.msg_size(body)
         cdef bytes ident = PyBytes_FromStringAndSize(ident_ptr, ident_len)
         registered = self.clients.get(ident)
-        if not self._scan(False, ident, data, size,
-                          self.first_guess if registered is None else <int>registered, &scan):
+        if not self._scan(False, ident, data, size, self.first_guess if registered is None else <int>registered,
+                          registered is not None, &scan):
             return 0
         if scan.type == CLIENT_HELLO:
             self.client_hello(ident, PyBytes_FromStringAndSize(data, size), scan.dialect)
@@ -396,8 +401,8 @@ cdef class BrokerCore:
         cdef bytes owner
         cdef int agent, job, following
         agent = self.agents.get(ident, -1)
-        if not self._scan(True, ident, data, size,
-                          self.first_guess if agent < 0 else <int>self.agent_dialect[agent], &scan):
+        if not self._scan(True, ident, data, size, self.first_guess if agent < 0 else <int>self.agent_dialect[agent],
+                          agent >= 0, &scan):
             return 0
         if scan.type == AGENT_HELLO:
             self.agent_hello(ident, PyBytes_FromStringAndSize(data, size), scan.dialect)

@@ -183,11 +183,16 @@ class BrokerCore:
             except Exception:  # a bug must cost one message, never the broker
                 self.internal_error(side, parts[0])
 
-    def _scan(self, scanner, side: str, ident: bytes, frame: bytes, dialect: int):
+    def _scan(self, scanner, side: str, ident: bytes, frame: bytes, dialect: int, known: bool):
         """Scan a frame as ``dialect``, or as the dialect it turns out to be in.
 
-        Returns (dialect, scan result), or None when the frame was dropped.
+        A frame that holds the other dialect's type key is scanned as that dialect.  So
+        is a bad frame from a peer not known yet (``known`` false): its first guess was
+        only a guess, and a valid frame of the other dialect may fail a field check of
+        the first (a 0.5 agent's job id is a pair, a 0.9 one's a str) before its type
+        key is reached.  Returns (dialect, scan result), or None when the frame was dropped.
         """
+        first_error = None
         try:
             return dialect, scanner(frame, dialect)
         except WrongDialect as exc:
@@ -196,13 +201,17 @@ class BrokerCore:
                 return None
             dialect = exc.dialect
         except WireError as exc:
-            self.dropped(side, ident, str(exc))
-            return None
+            if known or self.pinned is not None:
+                self.dropped(side, ident, str(exc))
+                return None
+            dialect, first_error = 1 - dialect, exc  # the other of the two dialects
         try:
             return dialect, scanner(frame, dialect)
-        except WrongDialect:
-            self.dropped(side, ident, "holds the type keys of two dialects")
         except WireError as exc:
+            if first_error is not None:
+                exc = first_error  # the first guess's reason: the frame is no better in the other
+            elif isinstance(exc, WrongDialect):
+                exc = WireError("holds the type keys of two dialects")
             self.dropped(side, ident, str(exc))
         return None
 
@@ -211,7 +220,7 @@ class BrokerCore:
     def on_client_frame(self, ident: bytes, frame: bytes) -> None:
         registered = self.clients.get(ident, -1)
         scanned = self._scan(wire.scan_client, "client", ident, frame,
-                             self.first_guess if registered < 0 else registered)
+                             self.first_guess if registered < 0 else registered, registered >= 0)
         if scanned is None:
             return
         dialect, (msgtype, job_id, environment, priority) = scanned
@@ -275,7 +284,7 @@ class BrokerCore:
     def on_agent_frame(self, ident: bytes, frame: bytes) -> None:
         agent = self.agents.get(ident, -1)
         scanned = self._scan(wire.scan_agent, "agent", ident, frame,
-                             self.first_guess if agent < 0 else self.agent_dialect[agent])
+                             self.first_guess if agent < 0 else self.agent_dialect[agent], agent >= 0)
         if scanned is None:
             return
         dialect, (msgtype, client, job_id) = scanned
