@@ -488,3 +488,34 @@ def test_no_memory_growth_over_rounds_of_jobs(harness: Harness) -> None:
         tracemalloc.stop()
     assert grown < 64 * 1024, f"{grown} bytes more after three more rounds"
     assert len(harness.broker.job_key) <= 1024 and len(harness.broker.agent_ident) <= 2
+
+
+def test_time_limits_at_the_ends_of_msgpack_integers_do_not_break_queue_answers(harness: Harness) -> None:
+    """A running job's end beyond msgpack's integers is -1 (it used to raise out of the loop)."""
+    harness.send("c1", pack(type="client_hello", name="me"))
+    harness.send("a1", agent_hello("one", 2, ["default"]))
+    harness.send("c1", new_job("huge", time_limit=2**64 - 1))
+    harness.send("c1", new_job("tiny", time_limit=-(2**63)))
+    harness.received("c1")
+    harness.send("c1", pack(type="client_get_queue"))
+    (answer,) = decode(harness.received("c1"))
+    assert sorted((job[0], job[6]) for job in answer["jobs_running"])[0] == ("huge", -1)
+    harness.send("d1", pack9("ClientHello", name="d1"))
+    harness.send("b1", agent_hello9("b", 1, [("docker", "default")]))
+    harness.send("d1", pack9("ClientNewJob", **{**protocol.decode(new_job9("big")), "@type": None,
+                                                 "environment_parameters": {"limits": {"time": "9" * 30}}}))
+    harness.received("d1")
+    harness.send("d1", pack9("ClientGetQueue"))
+    (answer,) = decode(harness.received("d1"))
+    assert [(job[0], job[6]) for job in answer["jobs_running"]] == [("big", -1)]
+
+
+@pytest.mark.parametrize("slots", [2**31, 2**32 + 1, 2**64 - 1])
+def test_an_agent_announcing_absurdly_many_slots_is_refused_with_one_line(harness: Harness, caplog,
+                                                                          slots: int) -> None:
+    with caplog.at_level("WARNING", logger="fastbackend.broker"):
+        harness.send("a1", agent_hello("greedy", slots, ["default"]))
+        harness.send("b1", agent_hello9("greedy", slots, [("docker", "default")]))
+    lines = [r.getMessage() for r in caplog.records if "available_job_slots" in r.getMessage()]
+    assert len(lines) == 2 and all("dropped a frame" in line for line in lines)
+    assert harness.broker.agents == {}

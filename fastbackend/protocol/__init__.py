@@ -47,6 +47,9 @@ V09 = 1
 #: serves both: today's INGInious.  A 0.5 peer costs one more scan, on its hello.
 FIRST_GUESS = V09
 
+#: The integers msgpack can carry: [INT_MIN, INT_END).
+INT_MIN, INT_END = -(1 << 63), 1 << 64
+
 #: Longest frame the broker accepts (archives of a few MiB are normal; a frame
 #: this large is a broken or hostile peer).
 MAX_FRAME_SIZE = 256 * 1024 * 1024

@@ -21,6 +21,8 @@ from . import (
     CLIENT_NEW_JOB,
     PING,
     PONG,
+    INT_END,
+    INT_MIN,
     V05,
     Dialect,
     Splice,
@@ -120,8 +122,13 @@ def kill_job_frame(client_identity: bytes, job_id: str, _state: Any = None) -> b
 
 
 def running_end(started: int, time_limit: int) -> int:
-    """0.5 reports when a running job's time limit ends."""
-    return started + time_limit
+    """0.5 reports when a running job's time limit ends.
+
+    A limit near the ends of msgpack's integers would put the sum out of their range, and
+    the whole queue answer would fail to encode: such an end is reported as -1.
+    """
+    end = started + time_limit
+    return end if INT_MIN <= end < INT_END else -1
 
 
 DIALECT = Dialect(

@@ -27,6 +27,8 @@ from . import (
     CLIENT_HELLO,
     CLIENT_KILL_JOB,
     CLIENT_NEW_JOB,
+    INT_END,
+    INT_MIN,
     PING,
     PONG,
     V09,
@@ -145,10 +147,6 @@ def input_state(inputdata: Any) -> Any:
     return ""
 
 
-#: msgpack integers: what a queue snapshot can carry.
-_INT_MIN, _INT_END = -(1 << 63), 1 << 64
-
-
 def time_estimate(environment_parameters: Any) -> int:
     """``int(environment_parameters["limits"]["time"])``, or -1 where that fails, as stock.
 
@@ -159,7 +157,7 @@ def time_estimate(environment_parameters: Any) -> int:
         value = int(environment_parameters["limits"]["time"])
     except Exception:  # stock's rule: whatever is there, if int() takes it
         return -1
-    return value if _INT_MIN <= value < _INT_END else -1
+    return value if INT_MIN <= value < INT_END else -1
 
 
 def running_end(_started: int, estimate: int) -> int:
