@@ -252,10 +252,12 @@ cdef class BrokerCore:
             return 1
         except WireError as exc:
             if first_error is not None:
-                exc = first_error
+                reason = str(first_error)
             elif isinstance(exc, WrongDialect):
-                exc = WireError("holds the type keys of two dialects")
-            self.dropped(side, ident, str(exc))
+                reason = "holds the type keys of two dialects"
+            else:
+                reason = str(exc)
+            self.dropped(side, ident, reason)
         return 0
 
     # -- clients ------------------------------------------------------------------

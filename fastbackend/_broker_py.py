@@ -209,10 +209,12 @@ class BrokerCore:
             return dialect, scanner(frame, dialect)
         except WireError as exc:
             if first_error is not None:
-                exc = first_error  # the first guess's reason: the frame is no better in the other
+                reason = str(first_error)  # the first guess's: the frame is no better in the other
             elif isinstance(exc, WrongDialect):
-                exc = WireError("holds the type keys of two dialects")
-            self.dropped(side, ident, str(exc))
+                reason = "holds the type keys of two dialects"
+            else:
+                reason = str(exc)
+            self.dropped(side, ident, reason)
         return None
 
     # -- clients ------------------------------------------------------------------
