@@ -530,6 +530,19 @@ def _value(frame: bytes, scan: _Scan, name: str) -> tuple[int, int]:
     raise AssertionError(f"{name} not in a scanned message that declares it")  # key set was checked
 
 
+def _decoded(raw: bytes) -> object:
+    """A pass-through value as the real peers decode it, or None where msgpack-python refuses
+    what the scanner lets through (an ext -1 that is no timestamp, a map as a map key).
+
+    The 0.9 rules read from such a value then fall back (time estimate -1, state "")
+    instead of raising out of a queue snapshot or a kill.
+    """
+    try:
+        return protocol.decode(raw)
+    except (ValueError, TypeError):
+        return None
+
+
 def _new_job(frame: bytes, dialect: int) -> _Scan:
     scan = _scan(frame, _CLIENT[dialect])
     if scan.code != CLIENT_NEW_JOB:
@@ -567,7 +580,7 @@ def queue_fields(frame: bytes, dialect: int = V05) -> tuple[str, str, str, str, 
     launcher = _text(frame, _str(frame, _value(frame, scan, "launcher")[0], n))
     if dialect == V09:
         start, end = _value(frame, scan, "environment_parameters")
-        time_value = protocol.v09.time_estimate(protocol.decode(frame[start:end]))
+        time_value = protocol.v09.time_estimate(_decoded(frame[start:end]))
     else:
         time_value = _int(frame, _value(frame, scan, "time_limit")[0], n)[0]
     return _text(frame, scan.job_id), course_id, task_id, launcher, time_value
@@ -579,7 +592,7 @@ def submission_state(frame: bytes, dialect: int = V09) -> object:
         raise WireError("only dialect 0.9 jobs carry a state")
     scan = _new_job(frame, dialect)
     start, end = _value(frame, scan, "inputdata")
-    return protocol.v09.input_state(protocol.decode(frame[start:end]))
+    return protocol.v09.input_state(_decoded(frame[start:end]))
 
 
 def splice_new_job(frame: bytes, client_identity: bytes, dialect: int = V05) -> bytes:
