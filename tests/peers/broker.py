@@ -19,6 +19,7 @@ from pathlib import Path
 
 import zmq
 
+from . import PEERS09_DIR
 from .raw import pack
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
@@ -33,11 +34,18 @@ LOG_LINE = re.compile(
 
 @dataclass(frozen=True)
 class BrokerConfig:
-    """Which broker to run: ``impl`` is "c", "py", or None for the stock backend."""
+    """Which broker to run: ``impl`` is "c", "py", or None for a stock backend.
+
+    ``args`` are extra command-line arguments (e.g. ``("--dialect", "0.9")``); ``inginious``
+    is the INGInious version a stock backend runs ("0.5" from the venv, "0.9" from
+    :data:`peers.PEERS09_DIR`).
+    """
 
     name: str
     impl: str | None
     loop: str | None
+    args: tuple[str, ...] = ()
+    inginious: str | None = None
 
     @property
     def is_stock(self) -> bool:
@@ -51,7 +59,12 @@ CONFIGS: dict[str, BrokerConfig] = {
         BrokerConfig("c-asyncio", "c", "asyncio"),
         BrokerConfig("py-uvloop", "py", "uvloop"),
         BrokerConfig("py-asyncio", "py", "asyncio"),
-        BrokerConfig("stock", None, None),
+        # The dialect pinned on the command line (no flag: each peer in the dialect of its frames).
+        BrokerConfig("c-uvloop-pin0.9", "c", "uvloop", ("--dialect", "0.9")),
+        BrokerConfig("py-asyncio-pin0.9", "py", "asyncio", ("--dialect", "0.9")),
+        BrokerConfig("c-uvloop-pin0.5", "c", "uvloop", ("--dialect", "0.5")),
+        BrokerConfig("stock", None, None, inginious="0.5"),
+        BrokerConfig("stock-0.9", None, None, inginious="0.9"),
     )
 }
 
@@ -61,6 +74,19 @@ ALL_CONFIGS = ("c-uvloop", "c-asyncio", "py-uvloop", "py-asyncio")
 DEFAULT_CONFIGS = ("c-uvloop",)
 #: Each implementation once, on different loops: for tests of per-message code paths.
 IMPL_CONFIGS = ("c-uvloop", "py-asyncio")
+#: The stock backend a ``FASTBACKEND_TEST_STOCK=1`` run uses, by the importable INGInious dialect.
+STOCK_CONFIGS = {"0.5": "stock", "0.9": "stock-0.9"}
+
+
+def pythonpath(*first: str | Path, base: str | None = None, drop: tuple[str | Path, ...] = ()) -> str:
+    """A PYTHONPATH value: ``first``, then ``base`` (default: this process's PYTHONPATH), minus ``drop``."""
+    dropped = {os.path.realpath(d) for d in drop}
+    rest = (os.environ.get("PYTHONPATH", "") if base is None else base).split(os.pathsep)
+    entries: list[str] = []
+    for entry in [*map(str, first), *rest]:
+        if entry and entry not in entries and os.path.realpath(entry) not in dropped:
+            entries.append(entry)
+    return os.pathsep.join(entries)
 
 
 def free_tcp_address() -> str:
@@ -104,9 +130,16 @@ class BrokerProcess:
         env.pop("FASTBACKEND_NO_EXTENSIONS", None)
         env.pop("FASTBACKEND_LOOP", None)
         env.update(self.extra_env)
-        args = [self.agent_addr, self.client_addr, *self.extra_args] + (["-v"] if self.verbose else [])
+        args = [self.agent_addr, self.client_addr, *self.config.args, *self.extra_args]
+        args += ["-v"] if self.verbose else []
         if self.config.is_stock:
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")]))
+            # The stock backend of the config's INGInious version; the other one must not be
+            # importable first (both install as the package ``inginious``).
+            if self.config.inginious == "0.9":
+                path = pythonpath(PEERS09_DIR, TESTS_DIR, base=env.get("PYTHONPATH", ""))
+            else:
+                path = pythonpath(TESTS_DIR, base=env.get("PYTHONPATH", ""), drop=(PEERS09_DIR,))
+            env["PYTHONPATH"] = path
             return [sys.executable, "-m", "peers.stock_backend", *args], env, TESTS_DIR
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         env["FASTBACKEND_LOOP"] = self.config.loop or "asyncio"
@@ -143,7 +176,9 @@ class BrokerProcess:
         deadline = start + timeout
         try:
             sock.connect(self.client_addr)
-            frame = pack({"type": "ping"})
+            # Probe in the dialect the broker serves (stock 0.9.2's receive loop dies on a 0.5 frame,
+            # a broker pinned to 0.9 does not answer one).
+            frame = pack({"@type": "Ping"} if self.dialect == "0.9" else {"type": "ping"})
             next_send = 0.0
             while True:
                 now = time.monotonic()
@@ -159,6 +194,19 @@ class BrokerProcess:
                     return time.monotonic() - start
         finally:
             sock.close()
+
+    @property
+    def dialect(self) -> str | None:
+        """The dialect this broker is pinned to ("0.5", "0.9"), or None when it serves both."""
+        if self.config.is_stock:
+            return self.config.inginious
+        args = [*self.config.args, *self.extra_args]
+        for i, arg in enumerate(args):
+            if arg == "--dialect" and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith("--dialect="):
+                return arg.partition("=")[2]
+        return None
 
     @property
     def pid(self) -> int:

@@ -28,20 +28,10 @@ from inginious.client.client import Client
 from inginious.common.message_meta import ZMQUtils
 from inginious.common.messages import AgentHello, AgentJobSSHDebug, AgentJobStarted, BackendNewJob
 
+from .real_common import run as run  # re-exported: the tests import it from here
+from .real_common import wait_until
+
 Behaviour = Callable[["ScriptedAgent", BackendNewJob], Awaitable[None]]
-
-
-async def wait_until(predicate: Callable[[], Any], timeout: float, what: str = "condition",
-                     interval: float = 0.01) -> Any:
-    """Poll ``predicate`` on the loop until it is truthy; AssertionError after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 # -- the task the real client needs ----------------------------------------------------------
@@ -366,12 +356,3 @@ def stop_client(client: Client) -> None:
     goes with the context)."""
     for task in client._restartable_tasks:
         task.cancel()
-
-
-def run(coro: Awaitable[Any], timeout: float = 60.0) -> Any:
-    """Run a test scenario on a fresh asyncio loop, bounded by ``timeout`` seconds."""
-
-    async def bounded() -> Any:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())

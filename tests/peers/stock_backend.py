@@ -1,14 +1,17 @@
-"""Run the STOCK INGInious 0.5 backend, as a reference for the conformance suite (test-only).
+"""Run a STOCK INGInious backend (0.5 or 0.9.2), as a reference for the conformance suites (test-only).
 
 Usage: ``python -m peers.stock_backend AGENT_ADDR CLIENT_ADDR [-v]`` with ``tests/`` on
-``sys.path`` (the ``broker`` fixture does this when ``FASTBACKEND_TEST_STOCK=1``).
+``sys.path`` (the ``broker`` fixture does this when ``FASTBACKEND_TEST_STOCK=1``).  Which
+version runs is whichever ``inginious`` is importable: the venv's 0.5, or 0.9.2 when
+``.peers/0.9`` comes first on ``PYTHONPATH`` (the ``stock-0.9`` broker configuration).
 
-The stock ``inginious-backend`` script builds its loop with ``zmq.asyncio.ZMQEventLoop``,
-which pyzmq 27 no longer has.  The stock ``Backend`` class itself runs unchanged on a plain
-asyncio loop with a ``zmq.asyncio.Context``; this launcher does that, logs in the stock
-format at the stock levels, and exits with status 0 on SIGINT/SIGTERM like fastbackend, so
-the same fixture can start and stop either broker.  Its messages go through
-:mod:`peers.msgpack_compat` like the real client's and agent's.
+The stock ``inginious-backend`` scripts of both versions build their loop with
+``zmq.asyncio.ZMQEventLoop``, which pyzmq 27 no longer has.  The stock ``Backend`` classes
+themselves run unchanged on a plain asyncio loop with a ``zmq.asyncio.Context``; this
+launcher does that, logs in the stock format at the stock levels, and exits with status 0
+on SIGINT/SIGTERM like fastbackend, so the same fixture can start and stop either broker.
+With 0.5, its messages go through :mod:`peers.msgpack_compat` like the real client's and
+agent's (0.9.2 uses msgpack 1.x natively).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import sys
 
 import zmq.asyncio
 
-from .msgpack_compat import install
+from . import INGINIOUS_DIALECT
 
 
 async def _serve(agent_addr: str, client_addr: str) -> bool:
@@ -51,7 +54,8 @@ async def _serve(agent_addr: str, client_addr: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the stock command line and serve; the exit status is 0 after a signal."""
-    parser = argparse.ArgumentParser(description="stock INGInious 0.5 backend (test reference)")
+    description = f"stock INGInious {INGINIOUS_DIALECT} backend (test reference)"
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("agent")
     parser.add_argument("client")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -65,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
     logger.addHandler(handler)
 
-    install()
+    # (Importing the ``peers`` package installed the msgpack adapter if this is INGInious 0.5.)
+    logger.info("Stock INGInious %s backend (test reference)", INGINIOUS_DIALECT)
     # Backend.__init__ calls asyncio.get_event_loop(): give it the loop that will run it.
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
