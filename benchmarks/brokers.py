@@ -2,12 +2,21 @@
 
 Three kinds of broker sit behind the same two addresses:
 
-* ``fastbackend`` -- ``python -m fastbackend serve AGENT CLIENT`` (compiled modules), and
+* ``fastbackend`` -- ``python -m fastbackend serve AGENT CLIENT`` (compiled modules, no
+  ``--dialect``: each peer is served in the dialect it speaks, as operators run it), and
   ``fastbackend-py`` the same with ``FASTBACKEND_NO_EXTENSIONS=1`` (the pure-Python twins);
-* ``stock``       -- INGInious 0.5's ``Backend`` through ``stock/launch_stock.py``, run by the
-  interpreter ``FASTBACKEND_STOCK_PYTHON`` names (see ``stock/setup.sh``);
+* ``stock``       -- the stock INGInious ``Backend`` of the dialect under test through
+  ``stock/launch_stock.py``: 0.5 run by ``FASTBACKEND_STOCK_PYTHON`` (``stock/setup.sh``),
+  0.9.2 by ``FASTBACKEND_STOCK09_PYTHON`` (``stock/setup-0.9.sh``);
 * ``ceiling``     -- ``ceiling/forwarder.c``, compiled here against pyzmq's own libzmq: it
   forwards frames without decoding them, the best any broker could do on this machine.
+
+Which fastbackend runs: the one this interpreter imports (an installed package, or the
+checkout when it is first on ``sys.path``), else the checkout holding these benchmarks.
+:func:`describe` asks the broker's own interpreter what it will run (core, build, loop,
+library versions); a "fastbackend" that would run the pure-Python core, or a debug build
+outside a smoke run, is refused with a message saying so, and every summary table
+names what ran.
 
 The figure that survives a shared 2-core machine is the broker's CPU time, read from
 ``/proc/PID/task/*/schedstat`` (nanoseconds, every thread including libzmq's I/O thread).
@@ -16,16 +25,21 @@ The figure that survives a shared 2-core machine is the broker's CPU time, read 
 from __future__ import annotations
 
 import glob
+import importlib.util
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bench_config import ALLOW_DEBUG, SMOKE, STOCK_PYTHON_VARS
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -33,6 +47,44 @@ STOCK_LAUNCHER = HERE / "stock" / "launch_stock.py"
 FORWARDER_SOURCE = HERE / "ceiling" / "forwarder.c"
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+#: Run by the broker's interpreter, with the broker's environment: what will it run?
+PROBE = r"""
+import json, sys
+kind = sys.argv[1]
+info = {}
+import zmq
+info["pyzmq"], info["libzmq"] = zmq.__version__, zmq.zmq_version()
+import msgpack
+info["msgpack"] = ".".join(map(str, msgpack.version))
+try:
+    from msgpack import _cmsgpack
+    info["msgpack_c"] = msgpack.Packer is _cmsgpack.Packer
+except ImportError:
+    info["msgpack_c"] = False
+if kind == "stock":
+    from importlib.metadata import version
+    info["inginious"] = version("inginious")
+    info["loop"] = "asyncio"
+else:
+    import logging
+    logging.disable(logging.CRITICAL)  # the selector's loud fallback warning: reported below instead
+    import fastbackend
+    from fastbackend import broker, sched, wire
+    from fastbackend.cli import new_event_loop
+    info["path"] = fastbackend.__path__[0]
+    info["core"] = {"broker": broker.IMPL, "wire": wire.IMPL, "sched": sched.IMPL}
+    debug = {}
+    for name in ("_broker_c", "_wire_c", "_sched_c"):
+        mod = sys.modules.get("fastbackend." + name)
+        if mod is not None and hasattr(mod, "DEBUG"):
+            debug[name] = bool(mod.DEBUG)
+    info["debug"] = debug
+    loop = new_event_loop()
+    info["loop"] = type(loop).__module__.split(".")[0]
+    loop.close()
+print(json.dumps(info))
+"""
 
 
 def free_port() -> int:
@@ -149,39 +201,120 @@ class Broker:
                 self.proc.wait(timeout=5)
 
 
+def fastbackend_source() -> Path | None:
+    """The folder to put first on the broker's ``PYTHONPATH``, or None when not needed.
+
+    The fastbackend this interpreter would import (found without importing it): an
+    installed one needs nothing; one found elsewhere (a checkout first on ``sys.path``)
+    is passed on.  When none is importable, the checkout holding these benchmarks.
+    """
+    spec = importlib.util.find_spec("fastbackend")
+    if spec is None or not spec.submodule_search_locations:
+        return ROOT
+    parent = Path(list(spec.submodule_search_locations)[0]).resolve().parent
+    paths = sysconfig.get_paths()
+    installed = {Path(paths[name]).resolve() for name in ("purelib", "platlib")}
+    return None if parent in installed else parent
+
+
+def describe_label(kind: str, info: dict) -> str:
+    """A table column's name for the broker ``kind`` as :func:`BrokerFactory.describe` found it."""
+    if kind == "ceiling":
+        return f"ceiling [C, libzmq {info.get('libzmq', '?')}]"
+    if kind == "stock":
+        return f"stock {info.get('inginious', '?')} [asyncio]"
+    cores = set(info.get("core", {}).values())
+    if len(cores) == 1:
+        core = cores.pop()
+    else:
+        core = "mixed " + ",".join(f"{k}={v}" for k, v in info["core"].items())
+    if core == "py":
+        build = ""
+    elif not info.get("debug"):
+        build = " build?"
+    else:
+        build = " debug" if any(info["debug"].values()) else " release"
+    return f"{kind} [{core}{build}, {info.get('loop', '?')}]"
+
+
 class BrokerFactory:
     """Knows how to start each kind of broker; builds the ceiling once per session."""
 
     def __init__(self, work_dir: Path) -> None:
         self.work_dir = work_dir
         self._forwarder: Path | None = None
-        self.stock_python = os.environ.get("FASTBACKEND_STOCK_PYTHON") or None
+        self.stock_python = {d: os.environ.get(var) or None for d, var in STOCK_PYTHON_VARS.items()}
+        self.source = fastbackend_source()
+        self._described: dict[tuple[str, str], dict] = {}
 
-    def command(self, kind: str, agent_addr: str, client_addr: str) -> tuple[list[str], dict[str, str]]:
+    def command(self, kind: str, agent_addr: str, client_addr: str,
+                dialect: str = "0.5") -> tuple[list[str], dict[str, str]]:
         env = dict(os.environ)
         if kind == "ceiling":
             if self._forwarder is None:
                 self._forwarder = build_forwarder(self.work_dir)
             return [str(self._forwarder), agent_addr, client_addr], env
         if kind in ("fastbackend", "fastbackend-py"):
-            env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+            if self.source is not None:
+                env["PYTHONPATH"] = os.pathsep.join([str(self.source), env.get("PYTHONPATH", "")]).rstrip(
+                    os.pathsep)
             if kind == "fastbackend-py":
                 env["FASTBACKEND_NO_EXTENSIONS"] = "1"
             else:
                 env.pop("FASTBACKEND_NO_EXTENSIONS", None)
             return [sys.executable, "-m", "fastbackend", "serve", agent_addr, client_addr], env
         if kind == "stock":
-            if not self.stock_python:
-                raise RuntimeError("FASTBACKEND_STOCK_PYTHON is not set")
+            python = self.stock_python.get(dialect)
+            if not python:
+                raise RuntimeError(f"{STOCK_PYTHON_VARS[dialect]} is not set")
             # The stock venv must not see this checkout or our site-packages.
             env.pop("PYTHONPATH", None)
-            return [self.stock_python, str(STOCK_LAUNCHER), agent_addr, client_addr], env
+            return [python, str(STOCK_LAUNCHER), agent_addr, client_addr], env
         raise ValueError(kind)
 
-    def start(self, kind: str) -> Broker:
+    def describe(self, kind: str, dialect: str = "0.5") -> dict:
+        """What a broker of ``kind`` runs: asked of its own interpreter, once per session.
+
+        Refuses (RuntimeError) a "fastbackend" whose compiled modules are missing, and a
+        debug build of them unless this is a smoke run or FASTBACKEND_BENCH_ALLOW_DEBUG=1.
+        """
+        key = (kind, dialect if kind == "stock" else "")
+        if key in self._described:
+            return self._described[key]
+        if kind == "ceiling":
+            import zmq
+
+            info = {"libzmq": zmq.zmq_version(), "library": str(libzmq_path())}
+        else:
+            cmd, env = self.command(kind, "", "", dialect)
+            probe = [cmd[0], "-c", PROBE, kind]
+            done = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=60,
+                                  cwd=str(self.work_dir))
+            if done.returncode != 0:
+                raise RuntimeError(f"cannot start {kind}: its interpreter fails to import it:\n"
+                                   f"{done.stderr[-2000:]}")
+            info = json.loads(done.stdout.strip().splitlines()[-1])
+        if kind == "fastbackend":
+            slow = sorted(name for name, impl in info["core"].items() if impl != "c")
+            if slow:
+                raise RuntimeError(
+                    f"fastbackend at {info['path']} has no compiled {', '.join(slow)} module(s): it would "
+                    "run the pure-Python core and measure that. Build the extensions (pip install ., or "
+                    "python setup.py build_ext --inplace in the checkout), or run from where they are built.")
+            if any(info["debug"].values()) and not (SMOKE or ALLOW_DEBUG):
+                raise RuntimeError(
+                    f"fastbackend at {info['path']} is a debug build (FASTBACKEND_DEBUG=1, invariant checks "
+                    "compiled in): rebuild it without FASTBACKEND_DEBUG to measure it, or set "
+                    "FASTBACKEND_BENCH_ALLOW_DEBUG=1 to measure the debug build on purpose.")
+        info["label"] = describe_label(kind, info)
+        self._described[key] = info
+        return info
+
+    def start(self, kind: str, dialect: str = "0.5") -> Broker:
+        self.describe(kind, dialect)
         agent_addr = f"tcp://127.0.0.1:{free_port()}"
         client_addr = f"tcp://127.0.0.1:{free_port()}"
-        cmd, env = self.command(kind, agent_addr, client_addr)
+        cmd, env = self.command(kind, agent_addr, client_addr, dialect)
         fd, log_name = tempfile.mkstemp(prefix=f"{kind}-", suffix=".log", dir=self.work_dir)
         # The broker's log goes to a file, never to a pipe nobody reads (that would stall it).
         with os.fdopen(fd, "wb") as log:
@@ -191,4 +324,24 @@ class BrokerFactory:
         time.sleep(0.05)
         if not broker.alive():
             raise RuntimeError(f"{kind} broker exited at once:\n{broker.log_tail()}")
+        if kind.startswith("fastbackend"):
+            self._check_started(broker, self.describe(kind, dialect))
         return broker
+
+    @staticmethod
+    def _check_started(broker: Broker, info: dict, timeout: float = 15.0) -> None:
+        """Wait for fastbackend's start-up line; its core must be the one the probe found."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and broker.alive():
+            text = broker.log_tail(100_000)
+            at = text.find("fastbackend started (")
+            if at >= 0:
+                core = text[at + len("fastbackend started ("):].split(" ", 1)[0].rstrip(",)")
+                if core != info["core"]["broker"]:
+                    broker.stop()
+                    raise RuntimeError(f"{broker.kind} started the {core} core, not {info['core']['broker']}")
+                return
+            time.sleep(0.02)
+        log = broker.log_tail()
+        broker.stop()
+        raise RuntimeError(f"{broker.kind} never logged its start-up line:\n{log}")

@@ -59,11 +59,15 @@ class Peer:
         line, self._buffer = self._buffer.split(b"\n", 1)
         return json.loads(line)
 
-    def ask(self, command: dict | str, timeout: float) -> dict:
+    def tell(self, command: dict | str) -> None:
+        """Send ``command`` without waiting for its answer (read it later with :meth:`read`)."""
         self.wait_ready()
         text = command if isinstance(command, str) else json.dumps(command)
         self.proc.stdin.write(text.encode() + b"\n")
         self.proc.stdin.flush()
+
+    def ask(self, command: dict | str, timeout: float) -> dict:
+        self.tell(command)
         return self.read(timeout)
 
     def stop(self) -> None:
@@ -82,32 +86,38 @@ class Peer:
 
 
 class LoadSession:
-    """One broker of ``kind`` plus the generator processes attached to it."""
+    """One broker of ``kind`` plus the generator processes attached to it, all speaking
+    ``dialect`` ("0.5" or "0.9")."""
 
-    def __init__(self, factory: BrokerFactory, kind: str) -> None:
+    def __init__(self, factory: BrokerFactory, kind: str, dialect: str = "0.5") -> None:
         self.kind = kind
-        self.broker: Broker = factory.start(kind)
+        self.dialect = dialect
+        self.broker: Broker = factory.start(kind, dialect)
         self.peers: list[Peer] = []
 
     # -- generator processes ------------------------------------------------------------
 
     def agents(self, agents: int, slots: int, environments: list[str], archive_size: int = 0,
-               stdout_size: int = 0) -> Peer:
+               stdout_size: int = 0, hold_ms: float = 0) -> Peer:
         peer = Peer("agents", {
-            "addr": self.broker.agent_addr, "agents": agents, "slots": slots,
+            "addr": self.broker.agent_addr, "dialect": self.dialect, "agents": agents, "slots": slots,
             "environments": environments, "envelope": self.kind == "ceiling",
-            "archive_size": archive_size, "stdout_size": stdout_size,
+            "archive_size": archive_size, "stdout_size": stdout_size, "hold_ms": hold_ms,
         })
         self.peers.append(peer)
         return peer
 
-    def clients(self, clients: int = 1) -> Peer:
-        peer = Peer("clients", {"addr": self.broker.client_addr, "clients": clients})
+    def clients(self, clients: int = 1, client_base: int = 0) -> Peer:
+        """Client sockets; 0.9's job ids are global, so two client processes of one
+        session need different ``client_base`` (socket numbers in their job ids)."""
+        peer = Peer("clients", {"addr": self.broker.client_addr, "dialect": self.dialect,
+                                "clients": clients, "client_base": client_base})
         self.peers.append(peer)
         return peer
 
     def heartbeat(self, interval: float = 0.1) -> Peer:
-        peer = Peer("heartbeat", {"addr": self.broker.client_addr, "interval": interval})
+        peer = Peer("heartbeat", {"addr": self.broker.client_addr, "dialect": self.dialect,
+                                  "interval": interval})
         self.peers.append(peer)
         return peer
 

@@ -1,4 +1,9 @@
-"""Load generator processes: INGInious 0.5 clients and agents on raw pyzmq DEALER sockets.
+"""Load generator processes: INGInious clients and agents on raw pyzmq DEALER sockets.
+
+Two dialects (``"dialect"`` in each process's configuration): ``0.5`` (INGInious 0.5:
+``{"type": "client_new_job", ...}``) and ``0.9`` (INGInious 0.7 to 0.9.2: the dataclass
+fields of ``inginious.common.messages`` in declaration order, then ``"@type": ClassName``,
+which is what ``msgpack.dumps(asdict(msg) + "@type")`` writes).  See :class:`Dialect`.
 
 Run as ``python loadgen.py {agents,clients,heartbeat} CONFIG_JSON``.  Each process talks to
 the benchmark through its standard streams, one JSON object per line:
@@ -23,9 +28,13 @@ spliced in as bytes.
   receives ``[client identity, frame]`` and echoes the identity frame in front of its
   answers; the job id it echoes is then the client's plain string.
 
-Protocol as the real peers speak it: clients say ``client_hello`` first and wait for an
-answer; agents say ``agent_hello`` (slots and environments), answer every ``ping`` with
-``pong``, and answer each job with ``agent_job_started`` then ``agent_job_done``.
+Protocol as the real peers speak it: clients say hello first and wait for an answer;
+agents say hello (slots and environments), answer every ping with a pong, and answer each
+job with "job started" then "job done" -- at once (zero-time jobs), or ``hold_ms`` later
+(the priority scenario, where every slot must stay busy).
+
+In 0.9 job ids are global across clients: a client process's ids are ``CCCC-SSSS...S``
+with the socket number ``CCCC`` offset by ``client_base``, and ``ffff`` for floods.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import os
 import sys
 import time
 from array import array
+from collections import deque
 
 import msgpack
 import zmq
@@ -44,15 +54,94 @@ JOB_ID_LEN = 36
 #: A job id in a result frame: the key, then a str8 header for 36 bytes.
 JOB_ID_MARK = JOB_ID_KEY + b"\xd9\x24"
 BLOCKED_ENVIRONMENT = "bench-env-nobody-offers"
+#: 0.9 environments are (type, name) pairs; every benchmark environment is of this type.
+ENVIRONMENT_TYPE = "docker"
+FLOOD_CLIENT = 0xFFFF
 
 
 def encode(message: dict) -> bytes:
     return msgpack.packb(message, use_bin_type=True)
 
 
-PING = encode({"type": "ping"})
-PONG = encode({"type": "pong"})
-UNKNOWN = encode({"type": "unknown"})
+class Dialect:
+    """The frames of one INGInious dialect, built once; markers that tell frames apart.
+
+    ``new_job_marker`` is found in a broker's job for an agent, ``done_marker`` in a
+    result for a client (and in no "job started" frame): the generator classifies frames
+    by a ``bytes.find`` instead of a decode.
+    """
+
+    def __init__(self, name: str) -> None:
+        if name not in ("0.5", "0.9"):
+            raise SystemExit(f"unknown dialect {name!r}")
+        self.name = name
+        v09 = name == "0.9"
+        self.ping = encode({"@type": "Ping"} if v09 else {"type": "ping"})
+        self.pong = encode({"@type": "Pong"} if v09 else {"type": "pong"})
+        self.unknown = encode({"@type": "Unknown"} if v09 else {"type": "unknown"})
+        # Short enough to match what the ceiling forwards unchanged (the client's job, the
+        # agent's result) as well as what a broker sends (BackendNewJob, BackendJobDone).
+        self.new_job_marker = b"NewJob" if v09 else b"new_job"
+        self.done_marker = b"JobDone" if v09 else b"job_done"
+
+    def client_hello(self, name: str) -> bytes:
+        if self.name == "0.9":
+            return encode({"name": name, "@type": "ClientHello"})
+        return encode({"name": name, "type": "client_hello"})
+
+    def agent_hello(self, name: str, slots: int, environments: list[str]) -> bytes:
+        described = {env: {"id": f"sha256:{env}", "created": 1} for env in environments}
+        if self.name == "0.9":
+            return encode({"friendly_name": name, "available_job_slots": slots,
+                           "available_environments": {ENVIRONMENT_TYPE: described},
+                           "@type": "AgentHello"})
+        return encode({"friendly_name": name, "available_job_slots": slots,
+                       "available_containers": described, "type": "agent_hello"})
+
+    def new_job(self, environment: str, input_size: int, priority: int) -> dict:
+        """A client's job with ``job_id`` first (None: the per-job part spliced in).
+
+        The two dialects carry the same information in frames of about the same size:
+        0.5's time/memory limits and network flag are 0.9's ``environment_parameters``.
+        """
+        inputdata = {"answer": "i" * input_size}
+        if self.name == "0.9":
+            return {"job_id": None, "priority": priority, "course_id": "bench", "task_id": "zero",
+                    "task_problems": {}, "inputdata": inputdata,
+                    "environment_type": ENVIRONMENT_TYPE, "environment": environment,
+                    "environment_parameters": {"limits": {"time": 30, "hard_time": 90, "memory": 256},
+                                               "network_grading": False},
+                    "debug": False, "launcher": "bench", "@type": "ClientNewJob"}
+        return {"job_id": None, "type": "client_new_job", "course_id": "bench", "task_id": "zero",
+                "inputdata": inputdata, "environment": environment,
+                "enable_network": False, "time_limit": 30, "hard_time_limit": 90, "mem_limit": 256,
+                "debug": False, "launcher": "bench"}
+
+    def job_started(self) -> dict:
+        if self.name == "0.9":
+            return {"job_id": None, "@type": "AgentJobStarted"}
+        return {"job_id": None, "type": "agent_job_started"}
+
+    def job_done(self, archive: bytes | None, stdout_text: str) -> dict:
+        if self.name == "0.9":
+            return {"job_id": None, "result": ("success", "zero-time job"), "grade": 100.0,
+                    "problems": {}, "tests": {}, "custom": {}, "state": "", "archive": archive,
+                    "stdout": stdout_text, "stderr": "", "@type": "AgentJobDone"}
+        return {"job_id": None, "type": "agent_job_done", "result": ("success", "zero-time job"),
+                "grade": 100.0, "problems": {}, "tests": {}, "custom": {}, "archive": archive,
+                "stdout": stdout_text, "stderr": ""}
+
+
+def frame_sizes(input_size: int = 1024) -> dict:
+    """Sizes of each dialect's per-job frames (the README compares them)."""
+    out = {}
+    for name in ("0.5", "0.9"):
+        d = Dialect(name)
+        head, tail = split_template(d.new_job("bench-env-a", input_size, 0))
+        done_head, done_tail = split_template(d.job_done(None, ""))
+        out[name] = {"client_new_job": len(head) + 38 + len(tail),
+                     "agent_job_done": len(done_head) + 38 + len(done_tail)}
+    return out
 
 
 def split_template(message: dict, key: str = "job_id") -> tuple[bytes, bytes]:
@@ -141,32 +230,27 @@ def dealer(ctx: zmq.Context, addr: str, sndhwm: int | None = None) -> zmq.Socket
 # --------------------------------------------------------------------------------------
 
 def run_agents(cfg: dict) -> None:
-    """Agents that run every job in zero time.
+    """Agents that run every job in zero time, or in ``hold_ms`` milliseconds.
 
-    cfg: addr, agents, slots, environments (list), envelope (bool), archive_size,
-    stdout_size, max_seconds.
+    cfg: addr, dialect, agents, slots, environments (list), envelope (bool), archive_size,
+    stdout_size, hold_ms, max_seconds.  With ``hold_ms`` a job's "started" goes out at
+    once and its "done" that long after (a FIFO of due times: every job is held as long).
     """
     ctx = zmq.Context()
+    dialect = Dialect(cfg.get("dialect", "0.5"))
     envelope = bool(cfg.get("envelope"))
     environments = cfg["environments"]
     archive = os.urandom(cfg["archive_size"]) if cfg.get("archive_size") else None
     stdout_text = "o" * cfg.get("stdout_size", 0)
+    hold = cfg.get("hold_ms", 0) / 1000.0
+    held: deque = deque()  # (due, socket, route or None, raw job id)
 
-    started_head, started_tail = split_template({"job_id": None, "type": "agent_job_started"})
-    done_head, done_tail = split_template({
-        "job_id": None, "type": "agent_job_done", "result": ("success", "zero-time job"),
-        "grade": 100.0, "problems": {}, "tests": {}, "custom": {}, "archive": archive,
-        "stdout": stdout_text, "stderr": "",
-    })
+    started_head, started_tail = split_template(dialect.job_started())
+    done_head, done_tail = split_template(dialect.job_done(archive, stdout_text))
     sockets = []
     for k in range(cfg["agents"]):
         sock = dealer(ctx, cfg["addr"])
-        sock.send(encode({
-            "friendly_name": f"bench-agent-{k}",
-            "available_job_slots": cfg["slots"],
-            "available_containers": {env: {"id": f"sha256:{env}", "created": 1} for env in environments},
-            "type": "agent_hello",
-        }))
+        sock.send(dialect.agent_hello(f"bench-agent-{k}", cfg["slots"], environments))
         sockets.append(sock)
 
     now = time.monotonic()
@@ -185,15 +269,25 @@ def run_agents(cfg: dict) -> None:
     deadline = time.monotonic() + cfg.get("max_seconds", 900)
     noblock = zmq.NOBLOCK
     again = zmq.Again
+    ping, pong, new_job_marker = dialect.ping, dialect.pong, dialect.new_job_marker
+
+    def send_done(sock: zmq.Socket, route: bytes | None, raw_id: bytes) -> None:
+        if route is not None:
+            sock.send(route, zmq.SNDMORE)
+        sock.send(done_head + raw_id + done_tail)
 
     while not control.closed and time.monotonic() < deadline:
-        for sock, _ in poller.poll(1000):
+        timeout = 1000
+        if held:
+            timeout = max(0, min(1000, int((held[0][0] - time.monotonic()) * 1000) + 1))
+        for sock, _ in poller.poll(timeout):
             if sock == control.fd:
                 for line in control.read_lines():
                     if line == "stats":
                         now = time.monotonic()
                         gaps = [max(g, now - t) for g, t in zip(max_gap, last_ping, strict=True)]
                         control.reply({"jobs": jobs, "pings": pings, "other": other,
+                                       "held": len(held),
                                        "max_ping_gap_s": max(gaps) if gaps else 0.0,
                                        "agents_silent_6s": sum(g > 6.0 for g in gaps)})
                         jobs = pings = other = 0
@@ -206,33 +300,40 @@ def run_agents(cfg: dict) -> None:
                         route = sock.recv(noblock)
                         frame = sock.recv()
                     else:
+                        route = None
                         frame = sock.recv(noblock)
                 except again:
                     break
-                if frame == PING:
+                if frame == ping:
                     now = time.monotonic()
                     gap = now - last_ping[k]
                     if gap > max_gap[k]:
                         max_gap[k] = gap
                     last_ping[k] = now
                     pings += 1
-                    sock.send(PONG)
+                    sock.send(pong)
                     continue
                 pos = frame.find(JOB_ID_KEY)
-                if pos < 0 or frame.find(b"new_job") < 0:
+                if pos < 0 or frame.find(new_job_marker) < 0:
                     other += 1
                     continue
                 pos += len(JOB_ID_KEY)
                 raw_id = frame[pos:pos + msgpack_span(frame, pos)]
                 jobs += 1
-                if envelope:
+                if route is not None:
                     sock.send(route, zmq.SNDMORE)
-                    sock.send(started_head + raw_id + started_tail)
-                    sock.send(route, zmq.SNDMORE)
-                    sock.send(done_head + raw_id + done_tail)
+                sock.send(started_head + raw_id + started_tail)
+                if hold:
+                    held.append((time.monotonic() + hold, sock, route, raw_id))
                 else:
-                    sock.send(started_head + raw_id + started_tail)
-                    sock.send(done_head + raw_id + done_tail)
+                    send_done(sock, route, raw_id)
+        if held:
+            now = time.monotonic()
+            for _ in range(len(held)):  # bounded: at most what is held now
+                if held[0][0] > now:
+                    break
+                _, sock, route, raw_id = held.popleft()
+                send_done(sock, route, raw_id)
     for sock in sockets:
         sock.close(0)
     ctx.term()
@@ -248,63 +349,61 @@ class Clients:
     def __init__(self, cfg: dict) -> None:
         self.ctx = zmq.Context()
         self.cfg = cfg
+        self.dialect = Dialect(cfg.get("dialect", "0.5"))
+        # Socket numbers in job ids start here: 0.9's ids are global across clients.
+        self.base = cfg.get("client_base", 0)
         # Unlimited send queue: a flood of queued jobs must wait in this process, not fail.
         # The receive side keeps libzmq's default (1000), like the real client.
         self.sockets = [dealer(self.ctx, cfg["addr"], sndhwm=0) for _ in range(cfg["clients"])]
         self.poller = zmq.Poller()
         for sock in self.sockets:
             self.poller.register(sock, zmq.POLLIN)
-        self.templates: dict[tuple[str, int], tuple[bytes, bytes]] = {}
+        self.templates: dict[tuple[str, int, int], tuple[bytes, bytes]] = {}
 
     def hello(self, timeout: float = 15.0) -> None:
         for k, sock in enumerate(self.sockets):
-            sock.send(encode({"name": f"bench-client-{k}", "type": "client_hello"}))
+            sock.send(self.dialect.client_hello(f"bench-client-{self.base + k}"))
         waiting = set(self.sockets)
         deadline = time.monotonic() + timeout
         while waiting and time.monotonic() < deadline:
             for sock, _ in self.poller.poll(100):
-                sock.recv()  # backend_update_containers (the ceiling echoes the hello)
+                sock.recv()  # the environments update (the ceiling echoes the hello)
                 waiting.discard(sock)
         if waiting:
-            raise SystemExit(f"{len(waiting)} client sockets got no answer to client_hello")
+            raise SystemExit(f"{len(waiting)} client sockets got no answer to their hello")
 
-    def template(self, environment: str, input_size: int) -> tuple[bytes, bytes]:
-        key = (environment, input_size)
+    def template(self, environment: str, input_size: int, priority: int = 0) -> tuple[bytes, bytes]:
+        key = (environment, input_size, priority)
         if key not in self.templates:
-            self.templates[key] = split_template({
-                "job_id": None, "type": "client_new_job", "course_id": "bench", "task_id": "zero",
-                "inputdata": {"answer": "i" * input_size}, "environment": environment,
-                "enable_network": False, "time_limit": 30, "hard_time_limit": 90, "mem_limit": 256,
-                "debug": False, "launcher": "bench",
-            })
+            self.templates[key] = split_template(self.dialect.new_job(environment, input_size, priority))
         return self.templates[key]
-
-    @staticmethod
-    def job_id(k: int, seq: int) -> bytes:
-        return b"\xd9\x24%04x-%031d" % (k, seq)
 
     # -- one operation --------------------------------------------------------------
 
     def run_jobs(self, op: dict) -> dict:
         """Submit jobs and collect their results.
 
-        op: jobs, environments, input_size, timeout, and either ``window`` (closed loop:
-        at most this many unfinished jobs per socket) or ``rate`` (open loop, jobs/s:
+        op: jobs, environments, input_size, priority, timeout, and either ``window`` (closed
+        loop: at most this many unfinished jobs per socket) or ``rate`` (open loop, jobs/s:
         latency counts from the scheduled send time, so a generator that falls behind
         cannot hide the broker's queueing), or ``pause`` (slow consumer: send all,
-        read nothing for this many seconds, then read).
+        read nothing for this many seconds, then read).  ``start_times``: also time each
+        job from when it was due to its "job started" (the broker dispatched it and the
+        agent said so: the priority scenario's figure).
         """
         n = op["jobs"]
         envs = op["environments"]
-        heads = [self.template(env, op.get("input_size", 0)) for env in envs]
+        heads = [self.template(env, op.get("input_size", 0), op.get("priority", 0)) for env in envs]
         socks = self.sockets
         nsocks = len(socks)
+        base = self.base
         window = op.get("window")
         rate = op.get("rate")
         pause = op.get("pause")
         timeout = op.get("timeout", 60.0)
         sent_at = array("d", bytes(8 * n))
         latencies = array("d")
+        start_times = array("d") if op.get("start_times") else None
         outstanding = [0] * nsocks
         done = started = crashed = restarted = unknown = pongs = received_bytes = 0
         sent = 0
@@ -312,11 +411,12 @@ class Clients:
         perf = time.perf_counter
         mark = JOB_ID_MARK
         mark_len = len(mark)
+        done_marker, pong, unknown_frame = self.dialect.done_marker, self.dialect.pong, self.dialect.unknown
 
         def send_one(seq: int, when: float) -> None:
             k = seq % nsocks
             head, tail = heads[seq % len(heads)]
-            socks[k].send(head + b"\xd9\x24%04x-%031d" % (k, seq) + tail)
+            socks[k].send(head + b"\xd9\x24%04x-%031d" % (base + k, seq) + tail)
             sent_at[seq] = when
             outstanding[k] += 1
 
@@ -360,9 +460,9 @@ class Clients:
                     except zmq.Again:
                         break
                     pos = frame.find(mark)
-                    if pos >= 0 and frame.find(b"job_done") >= 0:
+                    if pos >= 0 and frame.find(done_marker) >= 0:
                         pos += mark_len
-                        k = int(frame[pos:pos + 4], 16)
+                        k = int(frame[pos:pos + 4], 16) - base
                         seq = int(frame[pos + 5:pos + JOB_ID_LEN])
                         if len(frame) < 2048 and b"\xa5crash" in frame:
                             crashed += 1
@@ -376,33 +476,47 @@ class Clients:
                         last_progress = t_last = perf()
                     elif pos >= 0:
                         started += 1
-                    elif frame == PONG:
+                        if start_times is not None:
+                            pos += mark_len
+                            start_times.append(perf() - sent_at[int(frame[pos + 5:pos + JOB_ID_LEN])])
+                    elif frame == pong:
                         pongs += 1
-                    elif frame == UNKNOWN:
+                    elif frame == unknown_frame:
                         unknown += 1
         # Rates count to the last result, not to the end of the wait for stragglers.
         elapsed = (t_last if done else perf()) - t0
-        lat = percentiles(latencies)
-        return {
+        out = {
             "sent": sent, "done": done, "started": started, "crashed": crashed,
             "agent_restarted": restarted, "unknown": unknown, "unfinished": sent - done - crashed,
             "elapsed_s": elapsed, "jobs_per_s": done / elapsed if elapsed > 0 else 0.0,
-            "received_bytes": received_bytes, "latency": lat,
+            "received_bytes": received_bytes, "latency": percentiles(latencies),
         }
+        if start_times is not None:
+            out["start_time"] = percentiles(start_times)
+        return out
 
     def flood(self, op: dict) -> dict:
-        """Queue ``jobs`` jobs for an environment no agent offers, then wait until the broker
-        has read them all (a ping sent after them is answered after them)."""
+        """Queue ``jobs`` jobs (round robin over ``environments``; by default one no agent
+        offers) with ``priority``, then wait until the broker has read them all (a ping
+        sent after them is answered after them).
+
+        Results that come back meanwhile (the priority scenario floods runnable jobs) are
+        counted and thrown away.
+        """
         n = op["jobs"]
-        head, tail = self.template(op.get("environment", BLOCKED_ENVIRONMENT), op.get("input_size", 0))
+        envs = op.get("environments") or [op.get("environment", BLOCKED_ENVIRONMENT)]
+        heads = [self.template(env, op.get("input_size", 0), op.get("priority", 0)) for env in envs]
         sock = self.sockets[0]
         t0 = time.perf_counter()
         for seq in range(n):
-            sock.send(head + b"\xd9\x24%04x-%031d" % (0xFFFF, seq) + tail)
+            head, tail = heads[seq % len(heads)]
+            sock.send(head + b"\xd9\x24%04x-%031d" % (FLOOD_CLIENT, seq) + tail)
         sent_s = time.perf_counter() - t0
-        sock.send(PING)
+        sock.send(self.dialect.ping)
         deadline = time.monotonic() + op.get("timeout", 600)
         ponged = False
+        results = 0
+        pong, done_marker = self.dialect.pong, self.dialect.done_marker
         while not ponged and time.monotonic() < deadline:
             if sock.poll(200):
                 for _ in range(1024):
@@ -410,9 +524,31 @@ class Clients:
                         frame = sock.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    if frame == PONG:
+                    if frame == pong:
                         ponged = True
-        return {"queued": n, "send_s": sent_s, "ingest_s": time.perf_counter() - t0, "ponged": ponged}
+                    elif frame.find(done_marker) >= 0:
+                        results += 1
+        return {"queued": n, "send_s": sent_s, "ingest_s": time.perf_counter() - t0, "ponged": ponged,
+                "results": results}
+
+    def drain(self, op: dict) -> dict:
+        """Read (and count) results on every socket for ``seconds`` seconds, then answer."""
+        done_marker = self.dialect.done_marker
+        results = 0
+        deadline = time.perf_counter() + op["seconds"]
+        while True:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            for sock, _ in self.poller.poll(min(100, max(1, int(left * 1000)))):
+                for _ in range(2048):
+                    try:
+                        frame = sock.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    if frame.find(done_marker) >= 0:
+                        results += 1
+        return {"results": results}
 
 
 def run_clients(cfg: dict) -> None:
@@ -424,15 +560,14 @@ def run_clients(cfg: dict) -> None:
     # A Poller, not zmq.select: a closed pipe reports POLLHUP, which select's read list omits.
     poller = zmq.Poller()
     poller.register(control.fd, zmq.POLLIN)
+    operations = {"jobs": clients.run_jobs, "flood": clients.flood, "drain": clients.drain}
     while not control.closed and time.monotonic() < deadline:
         if not poller.poll(1000):
             continue
         for line in control.read_lines():
             op = json.loads(line)
-            if op["op"] == "jobs":
-                control.reply(clients.run_jobs(op))
-            elif op["op"] == "flood":
-                control.reply(clients.flood(op))
+            if op["op"] in operations:
+                control.reply(operations[op["op"]](op))
             else:
                 control.reply({"error": f"unknown op {op['op']}"})
     for sock in clients.sockets:
@@ -451,8 +586,10 @@ def run_heartbeat(cfg: dict) -> None:
     statistics are asked for counts with its age so far, so a stalled broker shows.
     """
     ctx = zmq.Context()
+    dialect = Dialect(cfg.get("dialect", "0.5"))
+    ping, pong = dialect.ping, dialect.pong
     sock = dealer(ctx, cfg["addr"])
-    sock.send(encode({"name": "bench-heartbeat", "type": "client_hello"}))
+    sock.send(dialect.client_hello("bench-heartbeat"))
     if not sock.poll(15000):
         raise SystemExit("heartbeat client got no answer to client_hello")
     sock.recv()
@@ -469,7 +606,7 @@ def run_heartbeat(cfg: dict) -> None:
     while not control.closed and time.monotonic() < deadline:
         now = time.perf_counter()
         if in_flight is None and now >= next_ping:
-            sock.send(PING)
+            sock.send(ping)
             in_flight = now
             next_ping = now + interval
         timeout_ms = max(0.0, (next_ping - time.perf_counter()) * 1000) if in_flight is None else 200
@@ -488,7 +625,7 @@ def run_heartbeat(cfg: dict) -> None:
                     frame = sock.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                if frame == PONG and in_flight is not None:
+                if frame == pong and in_flight is not None:
                     rtts.append(time.perf_counter() - in_flight)
                     in_flight = None
     sock.close(0)

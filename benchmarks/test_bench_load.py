@@ -1,7 +1,9 @@
 """End-to-end load scenarios: a broker subprocess on 127.0.0.1 driven by generator processes.
 
-Each test starts one broker (``broker_kind``: stock, fastbackend, fastbackend-py, ceiling),
-attaches agents, clients and a heartbeat client from ``loadgen.py``, runs one measured
+Each test runs in each dialect (``dialect``: "0.5" for INGInious 0.5, "0.9" for 0.7-0.9.2)
+and starts one broker (``broker_kind``: stock -- 0.5 or 0.9.2, the dialect's own --,
+fastbackend, fastbackend-py, ceiling), attaches agents, clients and a heartbeat client from
+``loadgen.py``, all speaking that dialect, runs one measured
 operation inside ``benchmark.pedantic`` (one round: these are load tests, not
 micro-benchmarks), and records its figures both in ``benchmark.extra_info`` (so
 ``--benchmark-json`` carries them) and in the session summary table.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from bench_config import SCALE, SMOKE, broker_kinds, scaled
+from bench_config import DIALECTS, SCALE, SMOKE, broker_kinds, scaled
 from harness import LoadSession
 from loadgen import BLOCKED_ENVIRONMENT
 
@@ -32,16 +34,22 @@ def is_fastbackend(kind: str) -> bool:
 class Scenario:
     """Records one test's figures in the benchmark's extra_info and the session summary."""
 
-    def __init__(self, benchmark, registry, name: str, kind: str) -> None:
+    def __init__(self, benchmark, registry, name: str, kind: str, dialect: str, factory) -> None:
         self.benchmark, self.registry, self.name, self.kind = benchmark, registry, name, kind
+        self.dialect = dialect
+        info = factory.describe(kind, dialect)  # refuses a broker that would not measure what it says
+        registry.note_broker(dialect, kind, info)
         benchmark.extra_info["broker"] = kind
+        benchmark.extra_info["dialect"] = dialect
+        benchmark.extra_info["ran"] = info
 
     def figure(self, name: str, unit: str, value, higher_is_better: bool = False,
                comparable: bool = True) -> None:
         """A summary-table figure; ``comparable=False`` when stock ran at another size."""
         key = f"{name} ({unit})" if unit else name
         self.benchmark.extra_info[key] = value
-        self.registry.record(self.name, name, unit, self.kind, value, higher_is_better, comparable)
+        self.registry.record(self.name, name, unit, self.kind, value, higher_is_better, comparable,
+                             dialect=self.dialect)
 
     def extra(self, key: str, value) -> None:
         self.benchmark.extra_info[key] = value
@@ -80,15 +88,15 @@ def per_job_us(cpu: float, jobs: int) -> float | None:
 # Throughput
 # --------------------------------------------------------------------------------------
 
-def test_load_throughput(benchmark, broker_factory, registry, broker_kind):
+def test_load_throughput(benchmark, broker_factory, registry, dialect, broker_kind):
     """Zero-time jobs as fast as the broker takes them.
 
     4 agents x 8 slots, 4 environments (every agent offers all), 4 client sockets each
     keeping 64 jobs unfinished, 1 KiB of input per job, for ``duration`` seconds.
     """
     duration = scaled(3.0, 0.5)
-    sc = Scenario(benchmark, registry, "throughput", broker_kind)
-    with LoadSession(broker_factory, broker_kind) as s:
+    sc = Scenario(benchmark, registry, "throughput", broker_kind, dialect, broker_factory)
+    with LoadSession(broker_factory, broker_kind, dialect) as s:
         agents = s.agents(AGENTS, SLOTS, ENVIRONMENTS)
         clients = s.clients(CLIENT_SOCKETS)
         hb = s.heartbeat()
@@ -118,7 +126,7 @@ RATES = [200] if SMOKE else [500, 2000, 8000]
 
 
 @pytest.mark.parametrize("rate", RATES, ids=[f"{r}_per_s" for r in RATES])
-def test_load_latency(benchmark, broker_factory, registry, broker_kind, rate):
+def test_load_latency(benchmark, broker_factory, registry, dialect, broker_kind, rate):
     """Open loop at ``rate`` jobs/s: submit-to-result p50/p99/max.
 
     Latency counts from the time each job was *due*, so a generator that falls behind
@@ -126,8 +134,8 @@ def test_load_latency(benchmark, broker_factory, registry, broker_kind, rate):
     "unfinished" (jobs still without a result 10 s after the last submission).
     """
     duration = scaled(2.0, 0.5)
-    sc = Scenario(benchmark, registry, f"latency @ {rate}/s", broker_kind)
-    with LoadSession(broker_factory, broker_kind) as s:
+    sc = Scenario(benchmark, registry, f"latency @ {rate}/s", broker_kind, dialect, broker_factory)
+    with LoadSession(broker_factory, broker_kind, dialect) as s:
         agents = s.agents(AGENTS, SLOTS, ENVIRONMENTS)
         clients = s.clients(CLIENT_SOCKETS)
         hb = s.heartbeat()
@@ -161,18 +169,19 @@ STOCK_MAX_BLOCKED = int(os.environ.get("FASTBACKEND_BENCH_STOCK_MAX_BLOCKED", "1
 
 def blocked_cases() -> list:
     cases = []
-    for kind in broker_kinds():
-        if kind == "ceiling":
-            continue
-        for k in BLOCKED:
-            if kind == "stock" and k > STOCK_MAX_BLOCKED:
+    for dialect in DIALECTS:
+        for kind in broker_kinds(dialect):
+            if kind == "ceiling":
                 continue
-            cases.append(pytest.param(kind, k, id=f"{kind}-{k}_blocked"))
+            for k in BLOCKED:
+                if kind == "stock" and k > STOCK_MAX_BLOCKED:
+                    continue
+                cases.append(pytest.param(dialect, kind, k, id=f"{dialect}-{kind}-{k}_blocked"))
     return cases
 
 
-@pytest.mark.parametrize(("broker_kind_b", "blocked"), blocked_cases())
-def test_load_blocked_queue(benchmark, broker_factory, registry, broker_kind_b, blocked):
+@pytest.mark.parametrize(("dialect_b", "broker_kind_b", "blocked"), blocked_cases())
+def test_load_blocked_queue(benchmark, broker_factory, registry, dialect_b, broker_kind_b, blocked):
     """K jobs wait for an environment no agent offers; then runnable jobs go through.
 
     The K jobs are queued before any agent connects (a ping after them is answered
@@ -180,10 +189,10 @@ def test_load_blocked_queue(benchmark, broker_factory, registry, broker_kind_b, 
     for their environments run, 4 sockets x 64 unfinished.  Their throughput is compared
     with K = 0.
     """
-    kind = broker_kind_b
+    kind, dialect = broker_kind_b, dialect_b
     runnable = int(scaled(5000, 300))
-    sc = Scenario(benchmark, registry, f"blocked queue K={blocked:,}", kind)
-    with LoadSession(broker_factory, kind) as s:
+    sc = Scenario(benchmark, registry, f"blocked queue K={blocked:,}", kind, dialect, broker_factory)
+    with LoadSession(broker_factory, kind, dialect) as s:
         clients = s.clients(CLIENT_SOCKETS)
         hb = s.heartbeat()
         s.settle(0.3)
@@ -205,7 +214,7 @@ def test_load_blocked_queue(benchmark, broker_factory, registry, broker_kind_b, 
         rate = answer["jobs_per_s"]
         sc.figure("runnable jobs/s", "", rate, higher_is_better=True)
         sc.figure("broker CPU per runnable job", "us", per_job_us(cpu, answer["done"]))
-        base = registry.rows.get(("blocked queue K=0", "runnable jobs/s"))
+        base = registry.get(dialect, "blocked queue K=0", "runnable jobs/s")
         if blocked and base and isinstance(base.values.get(kind), float) and base.values[kind] > 0:
             sc.figure("vs K=0", "%", 100.0 * rate / base.values[kind], higher_is_better=True)
         sc.figure("unfinished runnable", "jobs", answer["unfinished"])
@@ -228,15 +237,15 @@ MAX_QUEUED = {
 
 
 @pytest.mark.queueing
-def test_load_memory(benchmark, broker_factory, registry, broker_kind):
+def test_load_memory(benchmark, broker_factory, registry, dialect, broker_kind):
     """Broker RSS per queued job, with ``QUEUED`` (1M by default) jobs waiting, 1 KiB input each.
 
     No agent is connected, so the jobs only queue.  The stock backend and the pure-Python
     build queue at most ``MAX_QUEUED`` jobs (see above) in a default run.
     """
     queued = min(QUEUED, MAX_QUEUED.get(broker_kind, QUEUED))
-    sc = Scenario(benchmark, registry, f"memory, {QUEUED:,} queued", broker_kind)
-    with LoadSession(broker_factory, broker_kind) as s:
+    sc = Scenario(benchmark, registry, f"memory, {QUEUED:,} queued", broker_kind, dialect, broker_factory)
+    with LoadSession(broker_factory, broker_kind, dialect) as s:
         clients = s.clients(1)
         s.settle(0.3)
         rss0 = s.broker.rss()
@@ -255,11 +264,11 @@ def test_load_memory(benchmark, broker_factory, registry, broker_kind):
 # Payload
 # --------------------------------------------------------------------------------------
 
-def test_load_payload(benchmark, broker_factory, registry, broker_kind):
+def test_load_payload(benchmark, broker_factory, registry, dialect, broker_kind):
     """Results carrying a 1 MiB archive and 64 KiB of stdout: MiB/s and CPU per job."""
     jobs = int(scaled(400, 20))
-    sc = Scenario(benchmark, registry, "payload 1 MiB + 64 KiB", broker_kind)
-    with LoadSession(broker_factory, broker_kind) as s:
+    sc = Scenario(benchmark, registry, "payload 1 MiB + 64 KiB", broker_kind, dialect, broker_factory)
+    with LoadSession(broker_factory, broker_kind, dialect) as s:
         agents = s.agents(2, 4, ENVIRONMENTS, archive_size=MIB, stdout_size=64 * KIB)
         clients = s.clients(2)
         hb = s.heartbeat()
@@ -282,7 +291,7 @@ def test_load_payload(benchmark, broker_factory, registry, broker_kind):
 # Slow consumer
 # --------------------------------------------------------------------------------------
 
-def test_load_slow_consumer(benchmark, broker_factory, registry, broker_kind):
+def test_load_slow_consumer(benchmark, broker_factory, registry, dialect, broker_kind):
     """A client submits ``jobs`` jobs, then reads nothing for ``pause`` seconds.
 
     Results (16 KiB of stdout each) pile up past every high-water mark between broker
@@ -292,8 +301,8 @@ def test_load_slow_consumer(benchmark, broker_factory, registry, broker_kind):
     """
     jobs = int(scaled(5000, 3000))
     pause = scaled(2.0, 1.0)
-    sc = Scenario(benchmark, registry, "slow consumer", broker_kind)
-    with LoadSession(broker_factory, broker_kind) as s:
+    sc = Scenario(benchmark, registry, "slow consumer", broker_kind, dialect, broker_factory)
+    with LoadSession(broker_factory, broker_kind, dialect) as s:
         agents = s.agents(2, 8, ENVIRONMENTS, stdout_size=16 * KIB)
         clients = s.clients(1)
         hb = s.heartbeat()
@@ -307,3 +316,79 @@ def test_load_slow_consumer(benchmark, broker_factory, registry, broker_kind):
         sc.extra("results received", answer["done"])
         sc.extra("broker CPU per job (us)", per_job_us(cpu, answer["done"]))
         sc.heartbeat(hb.ask("stats", 10), agents.ask("stats", 10))
+
+
+# --------------------------------------------------------------------------------------
+# Priorities (dialect 0.9)
+# --------------------------------------------------------------------------------------
+
+PRIORITY_BACKLOG = int(scaled(100_000, 2_000))
+# Stock 0.9.2 ingests the backlog at a few thousand jobs/s; past this it is not made to.
+STOCK_MAX_PRIORITY_BACKLOG = int(os.environ.get("FASTBACKEND_BENCH_STOCK_MAX_PRIORITY_BACKLOG", "100000"))
+#: Every job is held this long by its agent: 4 x 8 slots then run at most 640 jobs/s, so
+#: the slots stay busy and the backlog stays (a priority-0 job must overtake it, not
+#: merely find a free slot), and a whole run consumes only a few percent of it.
+HOLD_MS = 50
+PRIORITY_RATE = 100  # priority-0 jobs per second, well under the slots' 640/s
+
+
+@pytest.mark.queueing
+@pytest.mark.dialects("0.9")
+def test_load_priority(benchmark, broker_factory, registry, dialect, broker_kind):
+    """Priority-0 jobs behind a backlog of priority-1 jobs for the same environments.
+
+    4 agents x 8 slots offer the 4 environments and hold every job ``HOLD_MS``.  One
+    client floods ``PRIORITY_BACKLOG`` priority-1 jobs (round robin over the environments)
+    while the agents are connected, so every slot is busy and the rest wait; once the
+    broker has read them all, another client submits priority-0 jobs for the same
+    environments at ``PRIORITY_RATE``/s.  *time to start*: from when each priority-0 job
+    was due to its BackendJobStarted (the broker dispatched it to the next free slot
+    and the agent said so).  FIFO order would make it wait for the whole backlog.
+    Heartbeat figures cover the flood and the measurement.
+    """
+    backlog = PRIORITY_BACKLOG
+    if broker_kind == "stock":
+        backlog = min(backlog, STOCK_MAX_PRIORITY_BACKLOG)
+    duration = scaled(3.0, 1.0)
+    sc = Scenario(benchmark, registry, f"priority 0 behind {PRIORITY_BACKLOG:,} priority 1",
+                  broker_kind, dialect, broker_factory)
+    with LoadSession(broker_factory, broker_kind, dialect) as s:
+        agents = s.agents(AGENTS, SLOTS, ENVIRONMENTS, hold_ms=HOLD_MS)
+        flooder = s.clients(1, client_base=0x100)
+        clients = s.clients(CLIENT_SOCKETS)
+        hb = s.heartbeat()
+        s.settle(0.5)
+        hb.ask("stats", 10)
+        agents.ask("stats", 10)
+        cpu0 = s.broker.cpu()
+        flood = flooder.ask({"op": "flood", "jobs": backlog, "environments": ENVIRONMENTS, "priority": 1,
+                             "input_size": INPUT_SIZE, "timeout": 600}, 660)
+        sc.extra("flood: broker CPU per job (us)", per_job_us(s.broker.cpu() - cpu0, backlog))
+        sc.extra("flood: wall seconds", flood["ingest_s"])
+        # The flooding client keeps reading its priority-1 results meanwhile, as a real one would.
+        flooder.tell({"op": "drain", "seconds": duration + 12})
+        jobs = max(1, int(PRIORITY_RATE * duration))
+        op = {"op": "jobs", "jobs": jobs, "rate": PRIORITY_RATE, "priority": 0, "start_times": True,
+              "environments": ENVIRONMENTS, "input_size": INPUT_SIZE, "timeout": duration + 10,
+              "idle_timeout": 5}
+        answer, cpu = run_measured(benchmark, s, clients, op, duration + 40)
+        drained = flooder.read(60)
+        start = answer.get("start_time", {})
+        sc.figure("time to start p50", "ms", start.get("p50_ms"))
+        sc.figure("time to start p99", "ms", start.get("p99_ms"))
+        sc.figure("time to start max", "ms", start.get("max_ms"))
+        sc.figure("priority-0 jobs started", "", start.get("n", 0), higher_is_better=True)
+        sc.figure("priority-0 unfinished", "jobs", answer["unfinished"])
+        sc.figure("priority-1 backlog", "jobs", backlog, comparable=False)
+        if flood["ponged"]:
+            sc.figure("backlog ingest", "s", flood["ingest_s"], comparable=backlog == PRIORITY_BACKLOG)
+        else:
+            sc.figure("backlog ingest", "s", "> 600 (not all read)", comparable=False)
+        ran_1 = flood["results"] + drained["results"]
+        sc.figure("priority-1 results meanwhile", "jobs", ran_1, comparable=False)
+        sc.extra("priority-1 still queued at the end (at least)", backlog - ran_1 - AGENTS * SLOTS)
+        sc.extra("broker CPU during measurement (s)", cpu)
+        sc.heartbeat(hb.ask("stats", 10), agents.ask("stats", 10))
+    assert answer["done"] > 0
+    if is_fastbackend(broker_kind):
+        assert answer["unfinished"] == 0, answer

@@ -14,8 +14,9 @@
  *     agent and is dropped.  Later single frames from agents (pongs) are dropped.
  *   - The first frame from an unknown client identity (its client_hello) registers the
  *     client and is echoed back: the generator takes any answer to its hello as "you
- *     are registered".  A client frame that is byte-for-byte the ping message is
- *     answered with the pong message, so heartbeats can be timed through it too.
+ *     are registered".  A client frame that is byte-for-byte a ping message (of
+ *     either dialect) is answered with that dialect's pong, so heartbeats can be
+ *     timed through it too.
  *   - Any other client frame is a job.  It goes to the next agent in round-robin order
  *     as two frames [client identity, payload]: the identity travels beside the
  *     message instead of inside its job_id, as a real broker would put it.
@@ -67,9 +68,13 @@ extern size_t zmq_msg_size(const zmq_msg_t *msg);
 extern int zmq_errno(void);
 extern const char *zmq_strerror(int errnum);
 
-/* {"type": "ping"} and {"type": "pong"}, as every msgpack encoder writes them. */
+/* {"type": "ping"} and {"type": "pong"} (INGInious 0.5), {"@type": "Ping"} and
+ * {"@type": "Pong"} (0.7-0.9.2), as every msgpack encoder writes them.  Nothing else
+ * here depends on the dialect: the forwarder never reads a message. */
 static const unsigned char PING[] = {0x81, 0xa4, 't', 'y', 'p', 'e', 0xa4, 'p', 'i', 'n', 'g'};
 static const unsigned char PONG[] = {0x81, 0xa4, 't', 'y', 'p', 'e', 0xa4, 'p', 'o', 'n', 'g'};
+static const unsigned char PING09[] = {0x81, 0xa5, '@', 't', 'y', 'p', 'e', 0xa4, 'P', 'i', 'n', 'g'};
+static const unsigned char PONG09[] = {0x81, 0xa5, '@', 't', 'y', 'p', 'e', 0xa4, 'P', 'o', 'n', 'g'};
 
 /* Peers are keyed by their ROUTER identity (5 bytes when the ROUTER assigns it).
  * An open-addressing set is plenty: the generator opens at most a few thousand. */
@@ -166,6 +171,10 @@ static int from_client(void *clients_s, void *agents_s) {
     } else if (size == sizeof PING && memcmp(zmq_msg_data(&body), PING, sizeof PING) == 0) {
         zmq_msg_send(&id, clients_s, ZMQ_SNDMORE);
         send_bytes(clients_s, PONG, sizeof PONG, 0);
+        zmq_msg_close(&body);
+    } else if (size == sizeof PING09 && memcmp(zmq_msg_data(&body), PING09, sizeof PING09) == 0) {
+        zmq_msg_send(&id, clients_s, ZMQ_SNDMORE);
+        send_bytes(clients_s, PONG09, sizeof PONG09, 0);
         zmq_msg_close(&body);
     } else if (n_agents == 0) { /* nobody to run it: a ceiling keeps no queue */
         zmq_msg_close(&id);
