@@ -5,10 +5,11 @@
 # Jobs, agents, offers (one per agent-environment pair) and environments live in four
 # C arrays of structs grown by doubling.  They link to one another by uint32 index, with
 # NIL for "none", so that unlinking is O(1) and nothing is malloc'ed per node.  No struct
-# holds a Python object: the only Python state is the environment names.
+# holds a Python object: the only Python state is the environment keys.  Each environment
+# also owns one malloc'ed array, the heap of its out-of-order waiting jobs.
 
 cimport cython
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
 # Job states; also module attributes (plain ints) for Python callers.
 cpdef enum:
@@ -22,12 +23,14 @@ cdef enum:
 
 ctypedef struct Job:
     uint64_t stamp    # clock value at arrival while waiting, at dispatch while running
+    int64_t priority  # lower starts first; waiting jobs are ordered by (priority, stamp)
     uint32_t env
     uint32_t agent    # NIL unless running
-    # Waiting: neighbours in the environment's queue.  Running: neighbours in the
-    # agent's job list.  Free: next is the next free job.
+    # Waiting in the run: neighbours in the environment's run.  Running: neighbours in
+    # the agent's job list.  Free: next is the next free job.  Otherwise NIL.
     uint32_t prev
     uint32_t next
+    uint32_t heap_pos # index in the environment's heap while waiting there; NIL otherwise
     uint8_t state
 
 
@@ -55,9 +58,15 @@ ctypedef struct Offer:
 
 
 ctypedef struct Env:
-    uint32_t wait_head     # waiting jobs, in arrival order
+    # Waiting jobs (see _sched_py): the run, a FIFO whose (priority, stamp) keys increase
+    # from head to tail, holds every job whose priority was not below the tail's when it
+    # arrived; the others are in the heap, a binary min-heap by key of job indices.
+    uint32_t wait_head     # the run
     uint32_t wait_tail
-    uint32_t n_waiting
+    uint32_t* heap         # PyMem-allocated, heap_cap entries; freed in __dealloc__
+    uint32_t heap_len
+    uint32_t heap_cap
+    uint32_t n_waiting     # in the run and the heap
     uint32_t ready_head    # offers of agents with a free slot, head is served next
     uint32_t ready_tail
 
@@ -80,20 +89,29 @@ cdef class Scheduler:
 
     # The broker's fast path.  Arguments out of range or naming a free job / dead
     # agent raise ValueError.
-    cdef int c_submit(self, int env, int* agent) except -1      # the new job; *agent = -1 if it waits
+    #
+    # (c_submit_0 is the previous c_submit, a priority-0 submit.  It stays FIRST, and the
+    # five after it keep their places, because a module built against the previous .pxd
+    # calls these through the vtable by position: a _broker_c not yet rebuilt keeps
+    # working.  Drop it once _broker_c calls c_submit with a priority.)
+    cdef int c_submit_0(self, int env, int* agent) except -1    # c_submit(env, 0, agent)
     cdef int c_finish(self, int job) except -2                  # the job started in its slot, or -1
     cdef int c_next_job(self, int agent) except -2              # the job started, or -1
     cdef int c_cancel(self, int job) except -1
     cdef int c_job_state(self, int job) noexcept                # JOB_FREE when out of range
     cdef int c_job_agent(self, int job) noexcept                # -1 unless running
+    # The new job; *agent = -1 if it waits.  Any int64_t priority is valid.
+    cdef int c_submit(self, int env, int64_t priority, int* agent) except -1
 
     # Internals.
     cdef int _valid_job(self, int job, int state) except -1
     cdef int _valid_agent(self, int agent) except -1
     cdef int _new_job(self) except -1
     cdef void _free_job(self, uint32_t job) noexcept
-    cdef uint32_t _oldest_offer(self, uint32_t agent) noexcept
-    cdef uint32_t _pop_waiting(self, uint32_t env) noexcept
+    cdef uint32_t _best_offer(self, uint32_t agent, uint32_t* job) noexcept
+    cdef void _unqueue(self, uint32_t job) noexcept
+    cdef void _heap_up(self, Env* env, uint32_t pos) noexcept
+    cdef void _heap_down(self, Env* env, uint32_t pos) noexcept
     cdef void _start(self, uint32_t job, uint32_t offer) noexcept
     cdef void _ready_join(self, uint32_t agent) noexcept
     cdef void _ready_leave(self, uint32_t agent) noexcept

@@ -4,20 +4,24 @@
 """Scheduling for the broker, compiled: environments, agents and their slots, waiting jobs, matching.
 
 The fast twin of ``_sched_py`` (read that module's docstring for the rules: ready
-queues, round robin, arrival order, index reuse).  Both must agree on every result,
+queues, round robin, priorities then arrival order, index reuse).  Both must agree on every result,
 including which index a new job or agent receives and the ``work`` counter.
 
 Layout (declared in ``_sched_c.pxd``): four arrays of C structs grown by doubling,
 linked by uint32 index with NIL for "none".
 
-* ``Env``: the FIFO of its waiting jobs (through ``Job.prev/next``) and its ready
-  queue of offers (through ``Offer.prev/next``).
+* ``Env``: its waiting jobs, as in the twin: the run, a FIFO in (priority, stamp) order
+  (through ``Job.prev/next``), and the heap of the jobs that arrived with a priority
+  below the run's tail (an array of job indices; ``Job.heap_pos`` says where each one
+  is, so any one is removed in O(log n)); and its ready queue of offers (through
+  ``Offer.prev/next``).  With every priority equal the heap stays empty and costs one
+  test per operation.
 * ``Agent``: slot counters, the list of its running jobs (through ``Job.prev/next`` too:
   a job is never both waiting and running), the chain of its offers.
 * ``Offer``: one per agent-environment pair; it is the node that sits in that
   environment's ready queue while the agent has a free slot, so taking an agent in or
   out of the queues costs one unlink per environment it offers.
-* ``Job``: state, environment, agent, and a stamp that orders the FIFOs.
+* ``Job``: state, environment, agent, priority, and a stamp that orders the FIFOs.
 
 Free jobs, agents and offers are chained into LIFO free lists through ``next``,
 ``next_free`` and ``agent_next``.  With ``FB_DEBUG`` set at build time, cheap local
@@ -27,9 +31,9 @@ invariant checks run after each mutation; otherwise the C compiler drops them.
 cimport cython
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.stdlib cimport qsort
-from cpython.long cimport PyLong_AsLongAndOverflow
+from cpython.long cimport PyLong_AsLongAndOverflow, PyLong_AsLongLongAndOverflow
 from cpython.number cimport PyNumber_Index
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 from collections.abc import Iterable
 
@@ -43,6 +47,9 @@ cdef extern from *:
 
 #: Whether this build runs the invariant checks after every mutation.
 DEBUG = bool(FB_DEBUG)
+#: The range of job priorities (C int64_t).
+PRIORITY_MIN = -(2**63)
+PRIORITY_MAX = 2**63 - 1
 
 cdef enum:
     # Indices travel as C int and link as uint32 with NIL = 0xFFFFFFFF: stay below both.
@@ -80,6 +87,30 @@ cdef int _fail(str reason) except -1:
     raise AssertionError(reason)
 
 
+cdef inline bint _before(const Job* a, const Job* b) noexcept nogil:
+    """Whether waiting job ``a`` goes before ``b``: lower priority, then earlier arrival."""
+    return a.priority < b.priority or (a.priority == b.priority and a.stamp < b.stamp)
+
+
+cdef inline uint32_t _env_best(const Env* e, const Job* jobs) noexcept nogil:
+    """The environment's best waiting job, the run's head or the heap's top; NIL if none."""
+    cdef uint32_t head = e.wait_head
+    if e.heap_len and (head == NIL or _before(&jobs[e.heap[0]], &jobs[head])):
+        return e.heap[0]
+    return head
+
+
+cdef bint _is_env_key(object key):
+    if isinstance(key, str):
+        return True
+    if not isinstance(key, tuple):
+        return False
+    for part in key:
+        if not isinstance(part, str):
+            return False
+    return True
+
+
 ctypedef struct Stamped:
     uint64_t stamp
     uint32_t job
@@ -102,6 +133,9 @@ cdef class Scheduler:
         self.env_names = []
 
     def __dealloc__(self):
+        cdef uint32_t e
+        for e in range(self.envs_len):
+            PyMem_Free(self.envs[e].heap)
         PyMem_Free(self.jobs)
         PyMem_Free(self.agents)
         PyMem_Free(self.offers)
@@ -109,11 +143,11 @@ cdef class Scheduler:
 
     # ----------------------------------------------------------------- environments
 
-    def env_id(self, name: str) -> int:
-        """Intern an environment name; ids are 0, 1, 2, ... in order of first use."""
+    def env_id(self, name: str | tuple[str, ...]) -> int:
+        """Intern an environment key (a str or a tuple of str); ids are 0, 1, 2, ... in order of first use."""
         cdef Env* env
-        if not isinstance(name, str):
-            raise TypeError("environment name must be a str")
+        if not _is_env_key(name):
+            raise TypeError("environment key must be a str or a tuple of str")
         known = self.env_ids.get(name)
         if known is not None:
             return known
@@ -121,6 +155,8 @@ cdef class Scheduler:
             _grow(<void**>&self.envs, &self.envs_cap, sizeof(Env), self.envs_len)
         env = &self.envs[self.envs_len]
         env.wait_head = env.wait_tail = NIL
+        env.heap = NULL  # allocated when a job first goes out of order
+        env.heap_len = env.heap_cap = 0
         env.n_waiting = 0
         env.ready_head = env.ready_tail = NIL
         self.env_ids[name] = self.envs_len
@@ -128,8 +164,8 @@ cdef class Scheduler:
         self.envs_len += 1
         return self.envs_len - 1
 
-    def env_name(self, env: int) -> str:
-        """The name an environment id was interned from."""
+    def env_name(self, env: int) -> str | tuple[str, ...]:
+        """The key an environment id was interned from, as given."""
         return self.env_names[self._env_arg(env)]
 
     def env_count(self) -> int:
@@ -232,10 +268,23 @@ cdef class Scheduler:
 
     # ------------------------------------------------------------------------- jobs
 
-    def submit(self, env: int) -> tuple[int, int]:
-        """Add a job for ``env``; return ``(job, agent)``, agent -1 when the job waits."""
-        cdef int agent
-        cdef int job = self.c_submit(_arg(env), &agent)
+    def submit(self, env: int, priority: int = 0) -> tuple[int, int]:
+        """Add a job for ``env``; return ``(job, agent)``, agent -1 when the job waits.
+
+        Lower ``priority`` values start first; it must fit a signed 64-bit int.
+        """
+        cdef int agent, job
+        cdef int e = _arg(env)
+        cdef int overflow = 0
+        cdef long long p
+        # The environment is checked first, as in the twin (c_submit checks it again).
+        if e < 0 or <uint32_t>e >= self.envs_len:
+            raise ValueError(f"unknown environment {env}")
+        # Ints and __index__ objects only: a float raises TypeError here, as in the twin.
+        p = PyLong_AsLongLongAndOverflow(priority, &overflow)
+        if overflow:
+            raise ValueError(f"priority {priority} does not fit 64 bits")
+        job = self.c_submit(e, p, &agent)
         return job, agent
 
     def finish(self, job: int) -> int:
@@ -250,34 +299,51 @@ cdef class Scheduler:
         """Remove a waiting job (killed by its client) and free it."""
         self.c_cancel(_arg(job))
 
-    cdef int c_submit(self, int env, int* agent) except -1:
+    cdef int c_submit_0(self, int env, int* agent) except -1:
+        return self.c_submit(env, 0, agent)
+
+    cdef int c_submit(self, int env, int64_t priority, int* agent) except -1:
         cdef int j
         cdef uint32_t o
+        cdef bint to_heap
         cdef Job* job
         cdef Env* e
         if env < 0 or <uint32_t>env >= self.envs_len:
             raise ValueError(f"unknown environment {env}")
+        e = &self.envs[env]
+        # Jobs already waiting here go first; then only pending agents can be ready.
+        # A waiting job joins the run unless its priority is below the run's tail's.
+        to_heap = (e.n_waiting != 0 or e.ready_head == NIL) and (
+            e.wait_tail != NIL and priority < self.jobs[e.wait_tail].priority)
+        if to_heap and e.heap_len >= e.heap_cap:
+            # Grown before the job is taken, so that a MemoryError leaves nothing behind.
+            _grow(<void**>&e.heap, &e.heap_cap, sizeof(uint32_t), e.heap_len)
         j = self._new_job()  # may move self.jobs: take pointers after it
         job = &self.jobs[j]
         job.env = env
         job.agent = NIL
         job.prev = job.next = NIL
+        job.heap_pos = NIL
+        job.priority = priority
         job.stamp = self.clock
         self.clock += 1
-        e = &self.envs[env]
-        # Jobs already waiting here go first; then only pending agents can be ready.
         if e.n_waiting == 0 and e.ready_head != NIL:
             o = e.ready_head
             agent[0] = self.offers[o].agent
             self._start(j, o)
         else:
             job.state = JOB_WAITING
-            job.prev = e.wait_tail
-            if e.wait_tail != NIL:
-                self.jobs[e.wait_tail].next = j
+            if to_heap:
+                e.heap[e.heap_len] = j
+                e.heap_len += 1
+                self._heap_up(e, e.heap_len - 1)
             else:
-                e.wait_head = j
-            e.wait_tail = j
+                job.prev = e.wait_tail
+                if e.wait_tail != NIL:
+                    self.jobs[e.wait_tail].next = j
+                else:
+                    e.wait_head = j
+                e.wait_tail = j
             e.n_waiting += 1
             self.n_waiting += 1
             agent[0] = -1
@@ -308,16 +374,15 @@ cdef class Scheduler:
         self.n_running -= 1
         self._free_job(job)
 
-        o = self._oldest_offer(a)
+        o = self._best_offer(a, &nj)
         if o == NIL:
             ag.pending = 0
             if not ag.ready:
                 self._ready_join(a)
-            nj = NIL
         else:
             # If the agent had no free slot, the freed one passes straight to the waiting
             # job: the agent is not in the ready queues and _start leaves it out of them.
-            nj = self._pop_waiting(self.offers[o].env)
+            self._unqueue(nj)
             self._start(nj, o)
         if FB_DEBUG:
             self._debug_agent(a)
@@ -334,11 +399,11 @@ cdef class Scheduler:
         if ag.free == 0:
             ag.pending = 0
             return -1
-        o = self._oldest_offer(agent)
+        o = self._best_offer(agent, &j)
         if o == NIL:
             ag.pending = 0
             return -1
-        j = self._pop_waiting(self.offers[o].env)
+        self._unqueue(j)
         self._start(j, o)
         if FB_DEBUG:
             self._debug_agent(agent)
@@ -346,24 +411,11 @@ cdef class Scheduler:
         return j
 
     cdef int c_cancel(self, int job) except -1:
-        cdef Job* gone
-        cdef Env* e
         self._valid_job(job, JOB_WAITING)
-        gone = &self.jobs[job]
-        e = &self.envs[gone.env]
-        if gone.prev != NIL:
-            self.jobs[gone.prev].next = gone.next
-        else:
-            e.wait_head = gone.next
-        if gone.next != NIL:
-            self.jobs[gone.next].prev = gone.prev
-        else:
-            e.wait_tail = gone.prev
-        e.n_waiting -= 1
-        self.n_waiting -= 1
+        self._unqueue(job)
         self._free_job(job)
         if FB_DEBUG:
-            self._debug_env(gone.env)
+            self._debug_env(self.jobs[job].env)
         return 0
 
     cdef int c_job_state(self, int job) noexcept:
@@ -391,6 +443,12 @@ cdef class Scheduler:
         cdef int j = _arg(job)
         self._valid_job(j, -1)
         return self.jobs[j].env
+
+    def job_priority(self, job: int) -> int:
+        """The priority of a waiting or running job."""
+        cdef int j = _arg(job)
+        self._valid_job(j, -1)
+        return self.jobs[j].priority
 
     def agent_slots(self, agent: int) -> int:
         """How many slots the agent has."""
@@ -446,7 +504,7 @@ cdef class Scheduler:
         return self.envs[self._env_arg(env)].n_waiting
 
     def waiting_jobs(self) -> list[int]:
-        """All waiting jobs in arrival order (a snapshot for queue listings; sorts)."""
+        """All waiting jobs in arrival order, whatever their priority (a snapshot for queue listings)."""
         return self._jobs_in_state(JOB_WAITING)
 
     def running_jobs(self) -> list[int]:
@@ -469,7 +527,7 @@ cdef class Scheduler:
         # million waiting jobs must not stall the broker for seconds.
         cdef uint32_t count = self.n_waiting if state == JOB_WAITING else self.n_running
         cdef Stamped* pairs = <Stamped*>PyMem_Malloc(max(count, 1) * sizeof(Stamped))
-        cdef uint32_t n = 0, i, j, lists, sources = 0
+        cdef uint32_t n = 0, i, j, k, lists, sources = 0
         if pairs == NULL:
             raise MemoryError()
         try:
@@ -484,7 +542,16 @@ cdef class Scheduler:
                     pairs[n].job = j
                     n += 1
                     j = self.jobs[j].next
-            if sources > 1:  # one list is already in stamp order
+                if state == JOB_WAITING and self.envs[i].heap_len:
+                    sources += 2  # a heap is not in stamp order
+                    for k in range(self.envs[i].heap_len):
+                        if n >= count:
+                            break
+                        j = self.envs[i].heap[k]
+                        pairs[n].stamp = self.jobs[j].stamp
+                        pairs[n].job = j
+                        n += 1
+            if sources > 1:  # one run is already in stamp order
                 qsort(pairs, n, sizeof(Stamped), _by_stamp)
             return [pairs[i].job for i in range(n)]
         finally:
@@ -500,7 +567,7 @@ cdef class Scheduler:
 
     def check(self) -> None:
         """Verify every invariant (slow, for tests); raise AssertionError naming the broken one."""
-        cdef uint32_t j, a, e, o, steps, count, prev
+        cdef uint32_t j, a, e, o, k, steps, count, prev
         cdef uint64_t last_stamp = 0
         cdef Job* job
         cdef Agent* ag
@@ -541,12 +608,17 @@ cdef class Scheduler:
                 waiting += 1
                 if job.env >= self.envs_len or job.agent != NIL:
                     _fail(f"job {j}: waiting with a bad env or an agent")
+                if job.heap_pos != NIL and (
+                        job.heap_pos >= self.envs[job.env].heap_len or self.envs[job.env].heap[job.heap_pos] != j):
+                    _fail(f"job {j}: heap position is wrong")
             elif job.state == JOB_RUNNING:
                 running += 1
                 if job.agent >= self.agents_len or not self.agents[job.agent].alive:
                     _fail(f"job {j}: runs on a dead agent")
             else:
                 _fail(f"job {j}: bad state {job.state}")
+            if job.state != JOB_WAITING and job.heap_pos != NIL:
+                _fail(f"job {j}: not waiting but has a heap position")
         if waiting != self.n_waiting:
             _fail("waiting count is wrong")
         if running != self.n_running:
@@ -563,18 +635,31 @@ cdef class Scheduler:
                 if count >= self.jobs_len:
                     _fail(f"env {e}: queue has a cycle")
                 job = &self.jobs[j]
-                if job.state != JOB_WAITING or job.env != e:
-                    _fail(f"env {e}: queues job {j}, not waiting for it")
+                if job.state != JOB_WAITING or job.env != e or job.heap_pos != NIL:
+                    _fail(f"env {e}: queues job {j}, not waiting for it in the run")
                 if job.prev != prev:
                     _fail(f"env {e}: bad back link at job {j}")
-                if count and job.stamp <= last_stamp:
-                    _fail(f"env {e}: queue out of arrival order")
-                last_stamp = job.stamp
+                if count and not _before(&self.jobs[prev], job):
+                    _fail(f"env {e}: run out of (priority, arrival) order")
                 count += 1
                 prev = j
                 j = job.next
-            if prev != env.wait_tail or count != env.n_waiting:
-                _fail(f"env {e}: queue tail or count is wrong")
+            if prev != env.wait_tail:
+                _fail(f"env {e}: run tail is wrong")
+            if env.heap_len > env.heap_cap or (env.heap_cap and env.heap == NULL):
+                _fail(f"env {e}: heap length or capacity is wrong")
+            for k in range(env.heap_len):
+                j = env.heap[k]
+                if j >= self.jobs_len:
+                    _fail(f"env {e}: heap holds a bad index {j}")
+                job = &self.jobs[j]
+                if job.state != JOB_WAITING or job.env != e or job.heap_pos != k:
+                    _fail(f"env {e}: heap holds job {j}, not waiting for it at {k}")
+                if k and not _before(&self.jobs[env.heap[(k - 1) // 2]], job):
+                    _fail(f"env {e}: heap order broken at {k}")
+            count += env.heap_len
+            if count != env.n_waiting:
+                _fail(f"env {e}: waiting count is wrong")
             queued += count
 
             prev = NIL
@@ -679,37 +764,87 @@ cdef class Scheduler:
     cdef void _free_job(self, uint32_t job) noexcept:
         self.jobs[job].state = JOB_FREE
         self.jobs[job].agent = NIL
+        self.jobs[job].heap_pos = NIL
         self.jobs[job].prev = NIL
         self.jobs[job].next = self.job_free
         self.job_free = job
 
-    cdef uint32_t _oldest_offer(self, uint32_t agent) noexcept:
-        """The agent's offer whose environment's head job arrived first; NIL if none waits."""
-        cdef uint32_t best = NIL
-        cdef uint64_t best_stamp = 0
-        cdef uint32_t head
+    cdef uint32_t _best_offer(self, uint32_t agent, uint32_t* job) noexcept:
+        """The agent's offer whose environment holds the best waiting job (put in ``*job``).
+
+        NIL (and ``*job`` NIL) if no job waits in the agent's environments.
+        """
+        cdef uint32_t best = NIL, best_job = NIL, j
         cdef uint32_t o = self.agents[agent].offer_head
         while o != NIL:
             self.work_done += 1
-            head = self.envs[self.offers[o].env].wait_head
-            if head != NIL and (best == NIL or self.jobs[head].stamp < best_stamp):
+            j = _env_best(&self.envs[self.offers[o].env], self.jobs)
+            if j != NIL and (best == NIL or _before(&self.jobs[j], &self.jobs[best_job])):
                 best = o
-                best_stamp = self.jobs[head].stamp
+                best_job = j
             o = self.offers[o].agent_next
+        job[0] = best_job
         return best
 
-    cdef uint32_t _pop_waiting(self, uint32_t env) noexcept:
-        """Unlink the head of ``env``'s (non-empty) queue and return it."""
-        cdef Env* e = &self.envs[env]
-        cdef uint32_t j = e.wait_head
-        e.wait_head = self.jobs[j].next
-        if e.wait_head != NIL:
-            self.jobs[e.wait_head].prev = NIL
+    cdef void _unqueue(self, uint32_t job) noexcept:
+        """Take a waiting job out of its environment's run or heap."""
+        cdef Job* j = &self.jobs[job]
+        cdef Env* e = &self.envs[j.env]
+        cdef uint32_t pos, last
+        if j.heap_pos == NIL:
+            if j.prev != NIL:
+                self.jobs[j.prev].next = j.next
+            else:
+                e.wait_head = j.next
+            if j.next != NIL:
+                self.jobs[j.next].prev = j.prev
+            else:
+                e.wait_tail = j.prev
+            j.prev = j.next = NIL
         else:
-            e.wait_tail = NIL
+            pos = j.heap_pos
+            j.heap_pos = NIL
+            e.heap_len -= 1
+            last = e.heap[e.heap_len]
+            if last != job:  # the last job fills the hole and moves up or down
+                e.heap[pos] = last
+                self.jobs[last].heap_pos = pos
+                self._heap_up(e, pos)
+                self._heap_down(e, self.jobs[last].heap_pos)
         e.n_waiting -= 1
         self.n_waiting -= 1
-        return j
+
+    cdef void _heap_up(self, Env* env, uint32_t pos) noexcept:
+        """Move the job at ``pos`` towards the top while it goes before its parent."""
+        cdef uint32_t job = env.heap[pos], parent
+        while pos > 0:
+            parent = (pos - 1) // 2
+            if not _before(&self.jobs[job], &self.jobs[env.heap[parent]]):
+                break
+            env.heap[pos] = env.heap[parent]
+            self.jobs[env.heap[pos]].heap_pos = pos
+            pos = parent
+        env.heap[pos] = job
+        self.jobs[job].heap_pos = pos
+
+    cdef void _heap_down(self, Env* env, uint32_t pos) noexcept:
+        """Move the job at ``pos`` towards the leaves while a child goes before it."""
+        cdef uint32_t job = env.heap[pos], child
+        cdef uint64_t c
+        while True:
+            c = 2 * <uint64_t>pos + 1
+            if c >= env.heap_len:
+                break
+            child = <uint32_t>c
+            if child + 1 < env.heap_len and _before(&self.jobs[env.heap[child + 1]], &self.jobs[env.heap[child]]):
+                child += 1
+            if not _before(&self.jobs[env.heap[child]], &self.jobs[job]):
+                break
+            env.heap[pos] = env.heap[child]
+            self.jobs[env.heap[pos]].heap_pos = pos
+            pos = child
+        env.heap[pos] = job
+        self.jobs[job].heap_pos = pos
 
     cdef void _start(self, uint32_t job, uint32_t offer) noexcept:
         """Run ``job`` on the agent of ``offer`` (which has a free slot and offers the job's env)."""
@@ -795,8 +930,13 @@ cdef class Scheduler:
     cdef int _debug_env(self, uint32_t env) except -1:
         """O(1) checks on one environment, run after mutations in FB_DEBUG builds."""
         cdef Env* e = &self.envs[env]
-        if (e.n_waiting == 0) != (e.wait_head == NIL) or (e.wait_head == NIL) != (e.wait_tail == NIL):
+        if (e.n_waiting == 0) != (e.wait_head == NIL and e.heap_len == 0) or (
+                (e.wait_head == NIL) != (e.wait_tail == NIL)):
             _fail(f"env {env}: queue ends disagree with its count")
+        if e.heap_len > e.n_waiting or e.heap_len > e.heap_cap:
+            _fail(f"env {env}: heap length disagrees with its count or capacity")
+        if e.heap_len and self.jobs[e.heap[0]].heap_pos != 0:
+            _fail(f"env {env}: heap top does not know its position")
         if (e.ready_head == NIL) != (e.ready_tail == NIL):
             _fail(f"env {env}: ready queue ends disagree")
         # Jobs may wait only while every ready agent offering env is still pending.

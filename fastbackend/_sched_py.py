@@ -6,12 +6,27 @@ agent a job is sent to.  ``sched`` picks one of the two at import.
 
 Model
 -----
-* An *environment* (a container name) is interned to a small int, 0, 1, 2, ... for good.
+* An *environment* is interned to a small int, 0, 1, 2, ... for good.  Its key is a
+  str (a 0.5 container name) or a tuple of str (such as ``("0.9", type, name)``).
 * An *agent* offers a set of environments and has ``slots`` job slots.
-* A *job* is submitted for one environment.  It is ``JOB_WAITING`` in its environment's
-  FIFO queue, or ``JOB_RUNNING`` on one agent, or ``JOB_FREE`` (its index unused).
+* A *job* is submitted for one environment with a *priority*, a signed 64-bit int
+  (0 unless given; lower runs first).  It is ``JOB_WAITING`` in its environment's
+  queue, or ``JOB_RUNNING`` on one agent, or ``JOB_FREE`` (its index unused).
 
-Every operation costs O(1), or O(number of environments of the one agent involved);
+The waiting jobs of an environment are ordered by their key (priority, stamp), the
+stamp being the arrival clock, so arrival order decides among equal priorities.  They
+are held in two parts:
+
+* the *run*: a FIFO of jobs whose keys increase from head to tail.  A new job whose
+  priority is not below the priority of the run's tail is appended to it; with all
+  priorities equal (the 0.5 dialect) every job goes there, and every operation is O(1);
+* the *heap*: a binary min-heap, by key, of the jobs that arrived with a priority below
+  the run's tail.  Each job knows its position, so any one is removed in O(log n).
+
+An environment's best waiting job is the smaller of the run's head and the heap's top.
+
+Every operation costs O(log n) in the number of waiting jobs at worst (O(1) while no
+job has gone into a heap), plus O(number of environments of the one agent involved);
 never anything proportional to the number or the kind of waiting jobs.  ``work``
 counts the agent-environment pairs the operations visit, so tests can prove it.
 
@@ -22,13 +37,17 @@ Matching rules (the exact tie-breaks, which the tests' reference model follows)
   appended to the tail of the ready queue of each of its environments, in the order the
   environments were given to ``add_agent``.  An agent whose last free slot is taken
   leaves every ready queue.
-* ``submit(env)``: if jobs already wait for ``env`` the new job queues behind them (jobs
-  of one environment start in arrival order); otherwise, if the ready queue of ``env``
-  is not empty, the job starts on the agent at its head; otherwise it waits.
+* ``submit(env, priority)``: if jobs already wait for ``env`` the new job waits too
+  (whatever its priority: no agent offering ``env`` has a free slot then); otherwise, if
+  the ready queue of ``env`` is not empty, the job starts on the agent at its head;
+  otherwise it waits.
+* Waiting jobs of one environment start lowest priority first, and in arrival order
+  among equal priorities.
 * When a job starts on agent A (by any route) and A still has a free slot afterwards, A
   moves to the tail of the ready queue of that job's environment (round robin).
-* ``next_job(agent)``: with a free slot, the agent starts the waiting job that arrived
-  first among all the environments it offers.
+* ``next_job(agent)``: with a free slot, the agent starts the best waiting job among all
+  the environments it offers: the one with the smallest (priority, stamp) of each
+  environment's best job (so the oldest among equal priorities).
 * ``finish(job)`` frees the job's slot (the agent joins the ready queues if it had no free
   slot) and then behaves like ``next_job`` on that agent.  When the agent had no free slot
   and a job is waiting, the slot passes straight to that job: joining and leaving the
@@ -47,24 +66,32 @@ import operator
 from collections import OrderedDict
 from collections.abc import Iterable
 
+# An environment key: a 0.5 container name, or a tuple such as ("0.9", type, name).
+EnvKey = str | tuple[str, ...]
+
 JOB_FREE = 0
 JOB_WAITING = 1
 JOB_RUNNING = 2
 
 # Indices and slot counts must fit the C twin's int (and its uint32 links).
 _INDEX_MAX = 0x7FFFFFFE
+# Priorities are the C twin's int64_t.
+PRIORITY_MIN = -(2**63)
+PRIORITY_MAX = 2**63 - 1
 
 
 class Scheduler:
     """Matches jobs with agent slots; see the module docstring for the exact rules."""
 
     def __init__(self) -> None:
-        self._env_ids: dict[str, int] = {}
-        self._env_names: list[str] = []
-        # Per environment: waiting jobs in arrival order, and the ready queue of agents.
-        # OrderedDict gives O(1) append, removal from the middle, peek at the head and
-        # move-to-tail, which is all the queues need.
-        self._env_waiting: list[OrderedDict[int, None]] = []
+        self._env_ids: dict[EnvKey, int] = {}
+        self._env_names: list[EnvKey] = []
+        # Per environment: the run and the heap of its waiting jobs (see the module
+        # docstring), and the ready queue of agents.  OrderedDict gives O(1) append,
+        # removal from the middle, peek at either end and move-to-tail, which is all
+        # the run and the ready queues need.
+        self._env_run: list[OrderedDict[int, None]] = []
+        self._env_heap: list[list[int]] = []
         self._env_ready: list[OrderedDict[int, None]] = []
 
         # Jobs, as parallel lists indexed by job.
@@ -73,6 +100,8 @@ class Scheduler:
         self._job_agent: list[int] = []
         # Clock value at arrival while waiting, at dispatch while running.
         self._job_stamp: list[int] = []
+        self._job_priority: list[int] = []
+        self._job_heap_pos: list[int] = []  # position in its environment's heap, or -1
         self._free_jobs: list[int] = []  # a stack: last freed, first reused
 
         # Agents, as parallel lists indexed by agent.
@@ -92,21 +121,22 @@ class Scheduler:
 
     # ----------------------------------------------------------------- environments
 
-    def env_id(self, name: str) -> int:
-        """Intern an environment name; ids are 0, 1, 2, ... in order of first use."""
-        if not isinstance(name, str):
-            raise TypeError("environment name must be a str")
+    def env_id(self, name: EnvKey) -> int:
+        """Intern an environment key (a str or a tuple of str); ids are 0, 1, 2, ... in order of first use."""
+        if not _is_env_key(name):
+            raise TypeError("environment key must be a str or a tuple of str")
         env = self._env_ids.get(name)
         if env is None:
             env = len(self._env_names)
             self._env_ids[name] = env
             self._env_names.append(name)
-            self._env_waiting.append(OrderedDict())
+            self._env_run.append(OrderedDict())
+            self._env_heap.append([])
             self._env_ready.append(OrderedDict())
         return env
 
-    def env_name(self, env: int) -> str:
-        """The name an environment id was interned from."""
+    def env_name(self, env: int) -> EnvKey:
+        """The key an environment id was interned from, as given."""
         return self._env_names[self._env(env)]
 
     def env_count(self) -> int:
@@ -171,9 +201,15 @@ class Scheduler:
 
     # ------------------------------------------------------------------------- jobs
 
-    def submit(self, env: int) -> tuple[int, int]:
-        """Add a job for ``env``; return ``(job, agent)``, agent -1 when the job waits."""
+    def submit(self, env: int, priority: int = 0) -> tuple[int, int]:
+        """Add a job for ``env``; return ``(job, agent)``, agent -1 when the job waits.
+
+        Lower ``priority`` values start first; it must fit a signed 64-bit int.
+        """
         env = self._env(env)
+        priority = operator.index(priority)
+        if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+            raise ValueError(f"priority {priority} does not fit 64 bits")
         if self._free_jobs:
             job = self._free_jobs.pop()
         else:
@@ -184,19 +220,26 @@ class Scheduler:
             self._job_env.append(0)
             self._job_agent.append(-1)
             self._job_stamp.append(0)
+            self._job_priority.append(0)
+            self._job_heap_pos.append(-1)
         self._job_env[job] = env
+        self._job_priority[job] = priority
         self._job_agent[job] = -1
         self._job_stamp[job] = self._clock
         self._clock += 1
 
-        waiting = self._env_waiting[env]
+        run = self._env_run[env]
+        heap = self._env_heap[env]
         ready = self._env_ready[env]
-        if not waiting and ready:
+        if not run and not heap and ready:
             agent = next(iter(ready))
             self._start(job, agent)
             return job, agent
         self._job_state[job] = JOB_WAITING
-        waiting[job] = None
+        if not run or priority >= self._job_priority[next(reversed(run))]:
+            run[job] = None  # keys still increase along the run
+        else:
+            self._heap_push(heap, job)
         self._waiting += 1
         return job, -1
 
@@ -209,33 +252,36 @@ class Scheduler:
         self._running -= 1
         self._agent_free[agent] += 1
 
-        env = self._oldest_env(agent)
-        if env < 0:
+        best = self._best_waiting(agent)
+        if best < 0:
             self._agent_pending[agent] = False
             if not self._agent_ready[agent]:
                 self._ready_join(agent)
             return -1
         # Had the agent no free slot, the freed one passes straight to the waiting job:
         # the agent is not in the ready queues and _start leaves it out of them.
-        return self._start_waiting(env, agent)
+        self._unqueue(best)
+        self._start(best, agent)
+        return best
 
     def next_job(self, agent: int) -> int:
-        """If the agent has a free slot and a job waits in one of its environments, start the oldest."""
+        """If the agent has a free slot and a job waits in one of its environments, start the best one."""
         agent = self._agent(agent)
         if self._agent_free[agent] == 0:
             self._agent_pending[agent] = False
             return -1
-        env = self._oldest_env(agent)
-        if env < 0:
+        best = self._best_waiting(agent)
+        if best < 0:
             self._agent_pending[agent] = False
             return -1
-        return self._start_waiting(env, agent)
+        self._unqueue(best)
+        self._start(best, agent)
+        return best
 
     def cancel(self, job: int) -> None:
         """Remove a waiting job (killed by its client) and free it."""
         job = self._job(job, JOB_WAITING)
-        del self._env_waiting[self._job_env[job]][job]
-        self._waiting -= 1
+        self._unqueue(job)
         self._free_job(job)
 
     # -------------------------------------------------------------------- accessors
@@ -257,6 +303,10 @@ class Scheduler:
     def job_env(self, job: int) -> int:
         """The environment of a waiting or running job."""
         return self._job_env[self._job(job)]
+
+    def job_priority(self, job: int) -> int:
+        """The priority of a waiting or running job."""
+        return self._job_priority[self._job(job)]
 
     def agent_slots(self, agent: int) -> int:
         """How many slots the agent has."""
@@ -289,11 +339,13 @@ class Scheduler:
 
     def waiting_in_env(self, env: int) -> int:
         """How many jobs wait for the environment."""
-        return len(self._env_waiting[self._env(env)])
+        env = self._env(env)
+        return len(self._env_run[env]) + len(self._env_heap[env])
 
     def waiting_jobs(self) -> list[int]:
-        """All waiting jobs in arrival order (a snapshot for queue listings; sorts)."""
-        jobs = [job for queue in self._env_waiting for job in queue]
+        """All waiting jobs in arrival order, whatever their priority (a snapshot for queue listings)."""
+        jobs = [job for run in self._env_run for job in run]
+        jobs += [job for heap in self._env_heap for job in heap]
         jobs.sort(key=self._job_stamp.__getitem__)
         return jobs
 
@@ -325,10 +377,19 @@ class Scheduler:
             state = self._job_state[job]
             _require(state in (JOB_FREE, JOB_WAITING, JOB_RUNNING), f"job {job}: bad state {state}")
             _require((state == JOB_FREE) == (job in free_jobs), f"job {job}: free list disagrees with state")
+            _require(PRIORITY_MIN <= self._job_priority[job] <= PRIORITY_MAX, f"job {job}: bad priority")
             if state == JOB_WAITING:
                 waiting += 1
-                _require(job in self._env_waiting[self._job_env[job]], f"job {job}: not in its queue")
-            elif state == JOB_RUNNING:
+                env = self._job_env[job]
+                pos = self._job_heap_pos[job]
+                if pos < 0:
+                    _require(job in self._env_run[env], f"job {job}: not in its queue")
+                else:
+                    heap = self._env_heap[env]
+                    _require(pos < len(heap) and heap[pos] == job, f"job {job}: heap position is wrong")
+            else:
+                _require(self._job_heap_pos[job] == -1, f"job {job}: not waiting but has a heap position")
+            if state == JOB_RUNNING:
                 running += 1
                 agent = self._job_agent[job]
                 _require(
@@ -339,17 +400,30 @@ class Scheduler:
         _require(waiting == self._waiting, "waiting count is wrong")
         _require(running == self._running, "running count is wrong")
 
-        for env, queue in enumerate(self._env_waiting):
-            stamps = []
-            for job in queue:
+        queued = 0
+        for env, run in enumerate(self._env_run):
+            heap = self._env_heap[env]
+            keys = []
+            for job in run:
                 _require(self._job_state[job] == JOB_WAITING, f"env {env}: queues job {job}, not waiting")
                 _require(self._job_env[job] == env, f"env {env}: queues job {job} of another env")
-                stamps.append(self._job_stamp[job])
-            _require(stamps == sorted(stamps), f"env {env}: queue out of arrival order")
+                _require(self._job_heap_pos[job] == -1, f"env {env}: job {job} is in the run and the heap")
+                keys.append(self._key(job))
+            in_order = all(a < b for a, b in zip(keys, keys[1:], strict=False))
+            _require(in_order, f"env {env}: run out of (priority, arrival) order")
+            for pos, job in enumerate(heap):
+                _require(self._job_state[job] == JOB_WAITING, f"env {env}: heap holds job {job}, not waiting")
+                _require(self._job_env[job] == env, f"env {env}: heap holds job {job} of another env")
+                _require(self._job_heap_pos[job] == pos, f"env {env}: job {job} has a wrong heap position")
+                if pos:
+                    parent = heap[(pos - 1) // 2]
+                    _require(self._key(parent) < self._key(job), f"env {env}: heap order broken at {pos}")
+            queued += len(run) + len(heap)
             for agent in self._env_ready[env]:
                 _require(self._agent_alive[agent], f"env {env}: dead agent {agent} is ready")
                 _require(self._agent_ready[agent], f"env {env}: agent {agent} queued but not ready")
                 _require(env in self._agent_envs[agent], f"env {env}: agent {agent} does not offer it")
+        _require(queued == self._waiting, "some waiting job is in no queue")
 
         free_agents = set(self._free_agents)
         _require(len(free_agents) == len(self._free_agents), "agent free list holds a duplicate")
@@ -373,7 +447,7 @@ class Scheduler:
                 _require(in_queue == (free > 0), f"agent {agent}: ready queue of env {env}")
                 if free > 0 and not self._agent_pending[agent]:
                     _require(
-                        not self._env_waiting[env],
+                        not self._env_run[env] and not self._env_heap[env],
                         f"env {env}: jobs wait while agent {agent} has a free slot",
                     )
 
@@ -406,26 +480,85 @@ class Scheduler:
         self._job_agent[job] = -1
         self._free_jobs.append(job)
 
-    def _oldest_env(self, agent: int) -> int:
-        """The environment, among the agent's, whose head job arrived first; -1 if none waits."""
-        best_env = -1
-        best_stamp = 0
+    def _key(self, job: int) -> tuple[int, int]:
+        """What orders waiting jobs: lower priority first, then earlier arrival."""
+        return self._job_priority[job], self._job_stamp[job]
+
+    def _best_in_env(self, env: int) -> int:
+        """The environment's best waiting job: the run's head or the heap's top; -1 if none."""
+        run = self._env_run[env]
+        heap = self._env_heap[env]
+        if heap and (not run or self._key(heap[0]) < self._key(next(iter(run)))):
+            return heap[0]
+        return next(iter(run)) if run else -1
+
+    def _best_waiting(self, agent: int) -> int:
+        """The best waiting job among the agent's environments; -1 if none waits."""
+        best = -1
         envs = self._agent_envs[agent]
         self._work += len(envs)
         for env in envs:
-            queue = self._env_waiting[env]
-            if queue:
-                stamp = self._job_stamp[next(iter(queue))]
-                if best_env < 0 or stamp < best_stamp:
-                    best_env, best_stamp = env, stamp
-        return best_env
+            job = self._best_in_env(env)
+            if job >= 0 and (best < 0 or self._key(job) < self._key(best)):
+                best = job
+        return best
 
-    def _start_waiting(self, env: int, agent: int) -> int:
-        """Take the head job of ``env``'s queue and start it on ``agent``."""
-        job, _ = self._env_waiting[env].popitem(last=False)
+    def _unqueue(self, job: int) -> None:
+        """Take a waiting job out of its environment's run or heap."""
+        env = self._job_env[job]
+        if self._job_heap_pos[job] < 0:
+            del self._env_run[env][job]
+        else:
+            self._heap_remove(self._env_heap[env], job)
         self._waiting -= 1
-        self._start(job, agent)
-        return job
+
+    # The heap keeps each job's position in _job_heap_pos, so that cancel can remove any
+    # job in O(log n) (heapq cannot: it would leave the job behind, or scan for it).
+
+    def _heap_push(self, heap: list[int], job: int) -> None:
+        heap.append(job)
+        self._heap_up(heap, len(heap) - 1)
+
+    def _heap_remove(self, heap: list[int], job: int) -> None:
+        pos = self._job_heap_pos[job]
+        self._job_heap_pos[job] = -1
+        last = heap.pop()
+        if last != job:  # the last job fills the hole and moves up or down
+            heap[pos] = last
+            self._job_heap_pos[last] = pos
+            self._heap_up(heap, pos)
+            self._heap_down(heap, self._job_heap_pos[last])
+
+    def _heap_up(self, heap: list[int], pos: int) -> None:
+        job = heap[pos]
+        key = self._key(job)
+        while pos > 0:
+            parent = (pos - 1) // 2
+            if not key < self._key(heap[parent]):
+                break
+            heap[pos] = heap[parent]
+            self._job_heap_pos[heap[pos]] = pos
+            pos = parent
+        heap[pos] = job
+        self._job_heap_pos[job] = pos
+
+    def _heap_down(self, heap: list[int], pos: int) -> None:
+        job = heap[pos]
+        key = self._key(job)
+        size = len(heap)
+        while True:
+            child = 2 * pos + 1
+            if child >= size:
+                break
+            if child + 1 < size and self._key(heap[child + 1]) < self._key(heap[child]):
+                child += 1
+            if not self._key(heap[child]) < key:
+                break
+            heap[pos] = heap[child]
+            self._job_heap_pos[heap[pos]] = pos
+            pos = child
+        heap[pos] = job
+        self._job_heap_pos[job] = pos
 
     def _start(self, job: int, agent: int) -> None:
         """Run ``job`` on ``agent`` (which has a free slot), and keep the ready queues right."""
@@ -457,6 +590,10 @@ class Scheduler:
         for env in envs:
             del self._env_ready[env][agent]
         self._agent_ready[agent] = False
+
+
+def _is_env_key(key: object) -> bool:
+    return isinstance(key, str) or (isinstance(key, tuple) and all(isinstance(part, str) for part in key))
 
 
 def _require(condition: bool, reason: str) -> None:

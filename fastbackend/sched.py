@@ -14,6 +14,8 @@ _impl, IMPL = twin("sched")
 JOB_FREE = _impl.JOB_FREE
 JOB_RUNNING = _impl.JOB_RUNNING
 JOB_WAITING = _impl.JOB_WAITING
+PRIORITY_MIN = _impl.PRIORITY_MIN  # job priorities are signed 64-bit ints, lower first
+PRIORITY_MAX = _impl.PRIORITY_MAX
 Scheduler = _impl.Scheduler
 
-__all__ = ["IMPL", "JOB_FREE", "JOB_RUNNING", "JOB_WAITING", "Scheduler"]
+__all__ = ["IMPL", "JOB_FREE", "JOB_RUNNING", "JOB_WAITING", "PRIORITY_MAX", "PRIORITY_MIN", "Scheduler"]

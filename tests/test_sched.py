@@ -1,16 +1,19 @@
 """Tests of the scheduler, run against the compiled module and its pure-Python twin.
 
 The stateful test drives both implementations and a deliberately naive reference model
-(a plain list of waiting jobs scanned from the front) through the same random history
-and requires all three to agree on every job's state and agent, and on every index.
+(a plain list of waiting jobs, searched for the smallest (priority, arrival)) through the
+same random history and requires all three to agree on every job's state and agent, and
+on every index.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 import sys
+import time
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -40,6 +43,7 @@ def mod(request):
 
 def test_selected_implementation():
     """Unless FASTBACKEND_NO_EXTENSIONS is set, the compiled scheduler must be the one in use."""
+    assert (sched.PRIORITY_MIN, sched.PRIORITY_MAX) == (-(2**63), 2**63 - 1)
     if NO_EXTENSIONS:
         assert sched.IMPL == "py"
         assert sched.Scheduler is sched_py.Scheduler
@@ -84,6 +88,7 @@ if not NO_EXTENSIONS:
             return {name for name in dir(cls) if not name.startswith("_")}
 
         assert public(c.Scheduler) == public(py.Scheduler)
+        assert (c.PRIORITY_MIN, c.PRIORITY_MAX) == (py.PRIORITY_MIN, py.PRIORITY_MAX) == (-(2**63), 2**63 - 1)
 
 
 # --------------------------------------------------------------------- reference model
@@ -95,6 +100,7 @@ class Model:
     def __init__(self) -> None:
         self.n_envs = 0
         self.job_env: dict[int, int] = {}
+        self.job_priority: dict[int, int] = {}
         self.job_agent: dict[int, int] = {}  # running jobs only
         self.waiting: list[int] = []  # arrival order
         self.running: list[int] = []  # dispatch order
@@ -131,7 +137,7 @@ class Model:
         return index
 
     def _free_job(self, job: int) -> None:
-        del self.job_env[job]
+        del self.job_env[job], self.job_priority[job]
         self.job_agent.pop(job, None)
         self.free_jobs.append(job)
 
@@ -170,9 +176,10 @@ class Model:
         self.free_agents.append(agent)
         return lost
 
-    def submit(self, env: int) -> tuple[int, int]:
+    def submit(self, env: int, priority: int) -> tuple[int, int]:
         job = self._new(self.free_jobs, "job_count")
         self.job_env[job] = env
+        self.job_priority[job] = priority
         queued = any(self.job_env[w] == env for w in self.waiting)
         if queued or not self.ready[env]:
             self.waiting.append(job)
@@ -183,11 +190,17 @@ class Model:
 
     def next_job(self, agent: int) -> int:
         if self.free(agent) > 0:
-            for job in self.waiting:
-                if self.job_env[job] in self.envs[agent]:
-                    self.waiting.remove(job)
-                    self._start(job, agent)
-                    return job
+            # Lowest priority first, then arrival (the waiting list is in arrival order).
+            candidates = [
+                (self.job_priority[job], arrival, job)
+                for arrival, job in enumerate(self.waiting)
+                if self.job_env[job] in self.envs[agent]
+            ]
+            if candidates:
+                job = min(candidates)[2]
+                self.waiting.remove(job)
+                self._start(job, agent)
+                return job
         self.pending[agent] = False
         return -1
 
@@ -206,6 +219,14 @@ class Model:
         self._free_job(job)
 
 
+PRIORITY_MIN, PRIORITY_MAX = sched_py.PRIORITY_MIN, sched_py.PRIORITY_MAX
+# Mostly a few small values (ties are what arrival order decides), sometimes the edges.
+PRIORITIES = st.one_of(
+    st.sampled_from([-1, 0, 0, 1, 5]),
+    st.sampled_from([PRIORITY_MIN, PRIORITY_MIN + 1, PRIORITY_MAX - 1, PRIORITY_MAX]),
+)
+
+
 class SchedulerMachine(RuleBasedStateMachine):
     """Both implementations and the model, fed the same operations."""
 
@@ -220,17 +241,26 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert len({repr(result) for result in results.values()}) == 1, (call, args, results)
         return results["py"]
 
-    def same_error(self, call, *args):
+    def same_error(self, call, *args, error=ValueError):
         for s in self.impls.values():
-            with pytest.raises(ValueError):
+            with pytest.raises(error):
                 getattr(s, call)(*args)
 
     @precondition(lambda self: self.model.n_envs < 5)
-    @rule()
-    def new_env(self):
-        env = self.same("env_id", f"env-{self.model.n_envs}")
+    @rule(kind=st.sampled_from(["0.5", "0.5 tuple", "0.9 tuple"]))
+    def new_env(self, kind):
+        n = self.model.n_envs
+        # The broker's keys: a bare 0.5 name, or a dialect-tagged tuple.
+        key = {
+            "0.5": f"env-{n}",
+            "0.5 tuple": ("0.5", f"env-{n}"),
+            "0.9 tuple": ("0.9", "docker", f"env-{n}"),
+        }[kind]
+        env = self.same("env_id", key)
         assert env == self.model.env_id()
-        assert self.same("env_id", f"env-{env}") == env  # interning is stable
+        assert self.same("env_id", key) == env  # interning is stable
+        for s in self.impls.values():
+            assert s.env_name(env) == key and type(s.env_name(env)) is type(key)
 
     @precondition(lambda self: self.model.n_envs > 0 and len(self.model.slots) < 6)
     @rule(data=st.data(), slots=st.integers(0, 3), drain=st.booleans())
@@ -263,10 +293,19 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.same_error("next_job", agent)
 
     @precondition(lambda self: self.model.n_envs > 0)
-    @rule(data=st.data())
-    def submit(self, data):
+    @rule(data=st.data(), priority=PRIORITIES)
+    def submit(self, data, priority):
         env = data.draw(st.integers(0, self.model.n_envs - 1), label="env")
-        assert self.same("submit", env) == self.model.submit(env)
+        if priority == 0 and data.draw(st.booleans(), label="default priority"):
+            assert self.same("submit", env) == self.model.submit(env, 0)
+        else:
+            assert self.same("submit", env, priority) == self.model.submit(env, priority)
+
+    @precondition(lambda self: self.model.n_envs > 0)
+    @rule(priority=st.sampled_from([PRIORITY_MAX + 1, PRIORITY_MIN - 1, 2**70]))
+    def submit_out_of_range(self, priority):
+        self.same_error("submit", 0, priority)
+        self.same_error("submit", 0, float(priority % 7), error=TypeError)
 
     @precondition(lambda self: self.model.running)
     @rule(data=st.data())
@@ -298,6 +337,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             for job in range(m.job_count + 2):
                 assert s.job_state(job) == m.state(job), job
                 assert s.job_agent(job) == m.job_agent.get(job, -1), job
+                if job in m.job_priority:
+                    assert s.job_priority(job) == m.job_priority[job], job
             assert s.waiting_jobs() == m.waiting
             assert s.running_jobs() == m.running
             assert s.waiting_count() == len(m.waiting)
@@ -393,6 +434,116 @@ def test_freed_slot_takes_the_oldest_job_across_environments(mod):
     s.check()
 
 
+def test_priority_0_job_overtakes_1000_waiting_priority_1_jobs(mod):
+    s = mod.Scheduler()
+    env = s.env_id(("0.9", "docker", "python"))
+    agent = s.add_agent(1, [env])
+    assert s.next_job(agent) == -1
+    running, _ = s.submit(env, 1)
+    behind = [s.submit(env, 1)[0] for _ in range(1000)]
+    urgent, where = s.submit(env, 0)
+    assert where == -1  # jobs wait for env: it waits too, whatever its priority
+    assert s.waiting_jobs() == behind + [urgent]  # listings stay in arrival order
+    s.check()
+    assert s.finish(running) == urgent
+    assert s.job_priority(urgent) == 0 and s.job_agent(urgent) == agent
+    started = [s.finish(urgent)]
+    while started[-1] >= 0:
+        started.append(s.finish(started[-1]))
+    assert started == behind + [-1]
+    s.check()
+
+
+def test_lower_priority_first_then_arrival_order(mod):
+    s = mod.Scheduler()
+    env = s.env_id("python")
+    priorities = [3, 1, 2, 1, -4, 3, 0, -4, mod.PRIORITY_MAX, mod.PRIORITY_MIN, 2, 0]
+    jobs = [s.submit(env, p)[0] for p in priorities]
+    s.check()
+    agent = s.add_agent(len(jobs), [env])
+    started = [s.next_job(agent) for _ in jobs]
+    assert started == sorted(jobs, key=lambda job: (priorities[job], job))
+    assert s.next_job(agent) == -1
+    assert s.running_jobs() == started  # dispatch order
+    assert [s.job_priority(job) for job in started] == sorted(priorities)
+    s.check()
+
+
+def test_freed_slot_takes_the_best_job_across_environments(mod):
+    s = mod.Scheduler()
+    a, b, c = (s.env_id(name) for name in "abc")
+    agent = s.add_agent(1, [a, b])
+    first, _ = s.submit(a)
+    old_a = s.submit(a, 1)[0]
+    old_b = s.submit(b, 1)[0]
+    urgent_c = s.submit(c, -9)[0]  # not offered by the agent
+    urgent_b = s.submit(b, 0)[0]
+    tie_a = s.submit(a, 0)[0]
+    assert s.finish(first) == urgent_b  # priority 0 beats 1; arrival breaks the tie
+    assert s.finish(urgent_b) == tie_a
+    assert s.finish(tie_a) == old_a
+    assert s.finish(old_a) == old_b
+    assert s.finish(old_b) == -1
+    assert s.agent_free_slots(agent) == 1
+    assert s.waiting_jobs() == [urgent_c]
+    s.check()
+
+
+def test_a_pending_agent_drains_by_priority(mod):
+    s = mod.Scheduler()
+    env = s.env_id("python")
+    old = s.submit(env, 0)[0]
+    agent = s.add_agent(2, [env])
+    urgent = s.submit(env, -1)[0]
+    assert s.job_state(urgent) == mod.JOB_WAITING  # jobs wait for env: it waits too
+    assert [s.next_job(agent), s.next_job(agent), s.next_job(agent)] == [urgent, old, -1]
+    s.check()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cancel_anywhere_keeps_the_order(mod, seed):
+    """Cancelling jobs at arbitrary places (run head, middle, tail, any heap position)."""
+    import random
+
+    rng = random.Random(seed)
+    s = mod.Scheduler()
+    env = s.env_id("python")
+    priority = {}
+    for _ in range(300):
+        # Mostly falling priorities, so that most jobs go into the heap, some into the run.
+        job = s.submit(env, rng.choice([rng.randint(-50, 50), 60 - len(priority) // 5]))[0]
+        priority[job] = s.job_priority(job)
+    alive = sorted(priority)
+    for _ in range(200):
+        job = alive.pop(rng.randrange(len(alive)))
+        s.cancel(job)
+        assert s.job_state(job) == mod.JOB_FREE
+        s.check()
+    assert s.waiting_jobs() == alive
+    assert s.waiting_in_env(env) == s.waiting_count() == len(alive)
+    agent = s.add_agent(len(alive), [env])
+    started = [s.next_job(agent) for _ in alive]
+    assert started == sorted(alive, key=lambda job: (priority[job], job))
+    assert s.next_job(agent) == -1
+    s.check()
+
+
+def test_environment_keys(mod):
+    s = mod.Scheduler()
+    keys = ["python", ("0.5", "python"), ("0.9", "docker", "python"), ("0.9", "kata", "python"), ()]
+    envs = [s.env_id(key) for key in keys]
+    assert envs == list(range(len(keys)))
+    assert [s.env_id(key) for key in keys] == envs
+    assert s.env_id(("0.9", "docker") + ("python",)) == envs[2]  # equal, not identical
+    for env, key in zip(envs, keys, strict=True):
+        assert s.env_name(env) is key  # the key as given
+    for bad in [b"python", ("0.9", b"python"), ("0.9", 1), ["0.9", "python"], 5, None, (("0.9",),)]:
+        with pytest.raises(TypeError):
+            s.env_id(bad)
+    assert s.env_count() == len(keys)
+    s.check()
+
+
 def test_remove_agent_returns_exactly_its_jobs(mod):
     s = mod.Scheduler()
     env = s.env_id("python")
@@ -472,6 +623,10 @@ def test_agent_envs_are_deduplicated_in_order(mod):
         ("remove_agent", (-1,)),
         ("submit", (2,)),
         ("submit", (-1,)),
+        ("submit", (0, 2**63)),
+        ("submit", (0, -(2**63) - 1)),
+        ("submit", (2, 2**63)),
+        ("job_priority", (7,)),
         ("add_agent", (-1, [])),
         ("add_agent", (2**40, [])),
         ("add_agent", (1, [0, 9])),
@@ -505,18 +660,30 @@ def test_queries_on_unknown_indices(mod):
     with pytest.raises(TypeError):
         s.submit(0.0)
     with pytest.raises(TypeError):
+        s.submit(0, 1.0)
+    with pytest.raises(TypeError):
+        s.submit(0, "1")
+    with pytest.raises(TypeError):
         s.env_id(b"bytes")
+    assert s.waiting_count() == 0
+    assert s.submit(0, True) == (0, -1)  # an __index__ object, as for every index
+    assert s.job_priority(0) == 1
 
 
 # ------------------------------------------------------------------------------ scale
 
 
-def build_queue(mod, length: int):
+# With priority 1, the queued jobs are priority 1 and the workload submits priority-0 jobs,
+# which jump the queues (0.9 clients); with 0 every job has priority 0 (the 0.5 dialect).
+QUEUE_PRIORITIES = pytest.mark.parametrize("queued", [0, 1], ids=lambda p: f"queued_priority={p}")
+
+
+def build_queue(mod, length: int, queued: int = 0):
     """A busy scheduler: ``length`` jobs stuck, ``length`` queued behind a full agent."""
     s = mod.Scheduler()
-    stuck, busy, spare = s.env_id("stuck"), s.env_id("busy"), s.env_id("spare")
+    stuck, busy, spare = s.env_id("stuck"), s.env_id("busy"), s.env_id(("0.9", "docker", "spare"))
     for i in range(2 * length):
-        s.submit(stuck if i % 2 else busy)
+        s.submit(stuck if i % 2 else busy, queued)
     worker = s.add_agent(4, [spare, busy])
     while s.next_job(worker) >= 0:
         pass
@@ -539,53 +706,120 @@ def workload(s, worker, envs):
     cost("cancel", middle)
     for job in list(s.agent_jobs(worker)):
         cost("finish", job)  # each hands its slot to the oldest busy job
-    cost("submit", busy)  # queues behind the others
-    cost("submit", stuck)
+    cost("submit", busy, 0)  # waits (before the others if they have priority 1)
+    cost("submit", stuck, 0)
+    cost("submit", busy, 0)
     helper = cost("add_agent", 3, [spare, stuck, busy])
     cost("next_job", helper)
-    cost("submit", spare)  # a ready agent takes it at once
+    cost("next_job", helper)
+    cost("submit", spare, 0)  # a ready agent takes it at once
     cost("remove_agent", helper)
     return costs
 
 
+@QUEUE_PRIORITIES
 @pytest.mark.parametrize("impl", IMPLS, ids=lambda impl: f"impl={impl}")
-def test_cost_does_not_grow_with_queue_length(impl):
+def test_cost_does_not_grow_with_queue_length(impl, queued):
     mod = load(impl)
-    small = workload(*build_queue(mod, 10))
-    large = workload(*build_queue(mod, 50_000))
+    small = workload(*build_queue(mod, 10, queued))
+    large = workload(*build_queue(mod, 50_000, queued))
     assert small == large
     # Every operation touched at most the environments of the agents involved.
     assert max(work for _, work in small) <= 2 * 3
 
 
-def test_python_twin_executes_the_same_lines_whatever_the_queue():
+def count_lines(run) -> int:
+    """How many lines of the Python twin ``run()`` executes."""
+    count = 0
+
+    def tracer(frame, event, arg):
+        nonlocal count
+        if event == "line" and frame.f_code.co_filename == sched_py.__file__:
+            count += 1
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        run()
+    finally:
+        sys.settrace(None)
+    return count
+
+
+@QUEUE_PRIORITIES
+def test_python_twin_executes_the_same_lines_whatever_the_queue(queued):
     """No hidden loop over the queue: the Python twin runs the same number of lines."""
 
     def traced_lines(length):
-        s, worker, envs = build_queue(sched_py, length)
-        count = 0
-
-        def tracer(frame, event, arg):
-            nonlocal count
-            if event == "line" and frame.f_code.co_filename == sched_py.__file__:
-                count += 1
-            return tracer
-
+        s, worker, envs = build_queue(sched_py, length, queued)
         # Snapshots (waiting_jobs) are rare by design; take them outside the trace.
         middle = s.waiting_jobs()[length // 2]
         running = s.agent_jobs(worker)
-        sys.settrace(tracer)
-        try:
+
+        def run():
             s.cancel(middle)
+            s.submit(envs[1], 0)
             for job in running:
                 s.finish(job)
-            s.submit(envs[1])
+            s.submit(envs[1], 0)
             helper = s.add_agent(3, envs)
             s.next_job(helper)
-            s.submit(envs[2])
+            s.submit(envs[2], 0)
             s.remove_agent(helper)
-        finally:
-            sys.settrace(None)
-        return count
+
+        return count_lines(run)
 
     assert traced_lines(10) == traced_lines(20_000) > 0
+
+
+def test_python_twin_heap_costs_grow_logarithmically():
+    """Every job out of order (falling priorities) goes into the heap: O(log n) per operation."""
+
+    def traced_lines(length):
+        s = sched_py.Scheduler()
+        env = s.env_id("python")
+        jobs = [s.submit(env, length - i)[0] for i in range(length)]  # all but the first in the heap
+        agent = s.add_agent(1, [env])
+        victims = [jobs[length // 3], jobs[length // 2], jobs[-2]]
+
+        def run():
+            for job in victims:
+                s.cancel(job)
+            job = s.next_job(agent)  # the heap's top
+            for _ in range(5):
+                s.submit(env, 0)
+                job = s.finish(job)
+
+        return count_lines(run)
+
+    small, large = traced_lines(1_000), traced_lines(64_000)
+    # log2 grows 1.6 times; a scan over the queue would make it 64 times.
+    assert small < large < 2 * small * math.log2(64_000) / math.log2(1_000)
+
+
+@pytest.mark.skipif(NO_EXTENSIONS, reason="the compiled twin is not built")
+@QUEUE_PRIORITIES
+def test_compiled_cost_does_not_grow_with_queue_length(queued):
+    """Time per submit+finish with a long queue stays that of a short one (C twin)."""
+    c = load("c")
+
+    def seconds_per_job(length):
+        s = c.Scheduler()
+        env = s.env_id("python")
+        agent = s.add_agent(1, [env])
+        running = s.submit(env)[0]
+        for _ in range(length):
+            s.submit(env, queued)
+        submit, finish = s.submit, s.finish
+        best = math.inf
+        for _ in range(7):
+            start = time.perf_counter()
+            for _ in range(2000):
+                submit(env, 0)
+                running = finish(running)
+            best = min(best, time.perf_counter() - start)
+        assert s.waiting_count() == length and s.job_agent(running) == agent
+        return best / 2000
+
+    small, large = seconds_per_job(100), seconds_per_job(300_000)
+    assert large < 3 * small + 1e-7, (small, large)
