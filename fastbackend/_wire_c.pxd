@@ -3,45 +3,61 @@
 #
 # Lifetime rule: every pointer in a Scan points into the buffer that was scanned, so a
 # Scan is only valid while that buffer is alive and unchanged.
+#
+# `dialect` arguments are protocol tags (protocol.V05, protocol.V09).  The scanners
+# check it (IndexError for a tag that names no dialect); the noexcept functions below
+# take it from a successful scan (s.dialect) or trust the caller to pass a valid one.
+
+from libc.stdint cimport int64_t
 
 cdef enum:
     MAX_FIELDS = 16     # most top-level entries a frame may have
     MAX_DEPTH = 512     # most containers open at once, the message's own map included
 
 cdef struct Scan:
-    int type                     # protocol type code (protocol.CLIENT_NEW_JOB, ...)
-    const char* job_id           # UTF-8 bytes of the client job id (inside its str), or NULL
+    int type                      # protocol role code (protocol.CLIENT_NEW_JOB, ...)
+    int dialect                   # protocol tag of the tables that matched (protocol.V05 / V09)
+    const char* job_id            # UTF-8 bytes of the client job id (inside its str), or NULL
     Py_ssize_t job_id_len
-    const char* ident            # agent messages: client identity bytes (inside the bin), or NULL
+    const char* ident             # 0.5 agent messages: client identity bytes (inside the pair), or NULL
     Py_ssize_t ident_len
-    const char* env              # client_new_job: environment UTF-8 bytes, or NULL
+    const char* env               # client_new_job: environment name UTF-8, or NULL
     Py_ssize_t env_len
-    int nfields                  # top-level entries, in frame order
+    const char* env_type          # 0.9 ClientNewJob: environment_type UTF-8, or NULL
+    Py_ssize_t env_type_len
+    int64_t priority              # 0.9 ClientNewJob priority clamped to int64 max; 0 otherwise
+    int nfields                   # top-level entries, in frame order
     Py_ssize_t key_start[MAX_FIELDS]   # offset of each entry's key
     Py_ssize_t val_start[MAX_FIELDS]   # offset of its value
     Py_ssize_t val_end[MAX_FIELDS]     # end of its value (= key_start of the next entry)
-    int field[MAX_FIELDS]              # index in the type's declaration order; -1 for "type"
+    int field[MAX_FIELDS]         # index in the type's declaration order; -1 for the type key
 
-# Check a whole frame from a client / an agent and fill `out`.  Raise WireError (and
-# return -1) when the frame is not a well-formed message of that side.
-cdef int scan_client_c(const char* buf, Py_ssize_t n, Scan* out) except -1
-cdef int scan_agent_c(const char* buf, Py_ssize_t n, Scan* out) except -1
+# Check a whole frame from a client / an agent against the tables of `dialect` and fill
+# `out`.  Raise WireError (and return -1) when the frame is not a well-formed message
+# of that side, or WrongDialect(tag) (protocol.WrongDialect, a WireError) when the frame
+# carries another dialect's type key.
+cdef int scan_client_c(int dialect, const char* buf, Py_ssize_t n, Scan* out) except -1
+cdef int scan_agent_c(int dialect, const char* buf, Py_ssize_t n, Scan* out) except -1
 
 # Splicers: `*_size` gives the exact length of the frame `write_*` then writes into
 # `out` (which must hold that many bytes); `write_*` returns the length written.
-# `s` must come from a successful scan of `buf`.
+# `s` must come from a successful scan of `buf`; the rule applied is s.dialect's
+# (protocol.Dialect.new_job / job_done / ssh_debug).
 
-# s.type == CLIENT_NEW_JOB; 1 <= ident_len <= 255 (a ZeroMQ identity).
+# s.type == CLIENT_NEW_JOB.  The identity is used where the rule makes the 0.5 job id
+# pair, then 1 <= ident_len <= 255 (a ZeroMQ identity); otherwise it is ignored.
 cdef Py_ssize_t new_job_size(const Scan* s, Py_ssize_t ident_len) noexcept
 cdef Py_ssize_t write_new_job(char* out, const char* buf, const Scan* s,
                               const char* ident, Py_ssize_t ident_len) noexcept
-# s.type is AGENT_JOB_DONE or AGENT_JOB_SSH_DEBUG (the backend type name follows from
-# it); agent_to_client_size returns -1 for any other type.
+# s.type is AGENT_JOB_DONE or AGENT_JOB_SSH_DEBUG (the rule follows from it);
+# agent_to_client_size returns -1 for any other type.
 cdef Py_ssize_t agent_to_client_size(const Scan* s) noexcept
 cdef Py_ssize_t write_agent_to_client(char* out, const char* buf, const Scan* s) noexcept
-# backend_job_started(job_id), job_id given as UTF-8 bytes.
-cdef Py_ssize_t job_started_size(Py_ssize_t job_id_len) noexcept
-cdef Py_ssize_t write_job_started(char* out, const char* job_id, Py_ssize_t job_id_len) noexcept
+# backend_job_started(job_id) in `dialect`, job_id given as UTF-8 bytes.
+cdef Py_ssize_t job_started_size(int dialect, Py_ssize_t job_id_len) noexcept
+cdef Py_ssize_t write_job_started(char* out, int dialect, const char* job_id, Py_ssize_t job_id_len) noexcept
 
-# The broker's dictionary key for a job (see wire.job_key); 1 <= ident_len <= 255.
-cdef bytes job_key_c(const char* ident, Py_ssize_t ident_len, const char* job_id, Py_ssize_t job_id_len)
+# The broker's dictionary key for a job (see wire.job_key).  0.5: 1 <= ident_len <= 255;
+# 0.9: the identity is not part of the key (ident may be NULL, ident_len 0).
+cdef bytes job_key_c(int dialect, const char* ident, Py_ssize_t ident_len,
+                     const char* job_id, Py_ssize_t job_id_len)

@@ -2,24 +2,30 @@
 
 The wire schema is written out in ``fastbackend/wire.py``; ``_wire_py.py`` is the
 readable statement of the algorithm, which this module follows step for step so that
-both give the same result, or the same WireError reason, for any input.
+both give the same result, or the same WireError / WrongDialect, for any input.
+
+Tables: at import, one ``Side`` per (dialect, side) is built from ``protocol.DIALECTS``
+(the fields of every message that side may send, their kinds, the message types and
+their key masks), and one ``SpliceRule`` per spliced message from the dialect's
+``protocol.Splice`` values.  Nothing the Dialect objects say is restated here.
 
 Parsing model: a ``const unsigned char*`` frame, its length ``n`` and a position
 ``pos``; every length read from a header is compared with the bytes left (``n - pos``)
 before any pointer moves, so no read ever leaves the frame.  Nothing here builds a
 Python object on the success path of the C-level functions; every ``WireError`` is
 raised by one of the small out-of-line ``_fail*`` functions, keeping the scanning
-loops tight.
+loops tight, and the search for another dialect's type key (``_foreign_dialect``)
+only runs once a key has turned out unknown.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.long cimport PyLong_FromLongLong, PyLong_FromUnsignedLongLong
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport INT64_MAX, int64_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
 from fastbackend import protocol
-from fastbackend.protocol import WireError
+from fastbackend.protocol import WireError, WrongDialect
 
 cdef extern from *:
     """
@@ -36,27 +42,38 @@ ctypedef unsigned char uchar
 cdef int CLIENT_NEW_JOB = protocol.CLIENT_NEW_JOB
 cdef int AGENT_JOB_DONE = protocol.AGENT_JOB_DONE
 cdef int AGENT_JOB_SSH_DEBUG = protocol.AGENT_JOB_SSH_DEBUG
+cdef int V05 = protocol.V05
+cdef int V09 = protocol.V09
 cdef Py_ssize_t MAX_FRAME_SIZE = protocol.MAX_FRAME_SIZE
 
-# -- tables, built once at import from protocol's message tables ---------------------
+# -- tables, built once at import from protocol.DIALECTS -------------------------------
 
-# Field kinds; the names are those of _wire_py.CLIENT_FIELD_KINDS / AGENT_FIELD_KINDS.
+# Field kinds; the names are those of _wire_py (CLIENT_FIELD_KINDS / AGENT_FIELD_KINDS).
 cdef enum:
     K_ANY = 0        # pass-through: any well-formed value, skipped
     K_STR = 1        # str holding valid UTF-8
     K_INT = 2        # any msgpack integer
     K_UINT = 3       # msgpack integer >= 0
     K_MAP = 4        # map, contents pass-through
-    K_JOB_PAIR = 5   # [bin client_identity (1..255 bytes), str job_id]
+    K_JOB_PAIR = 5   # 0.5 agent side: [bin client_identity (1..255 bytes), str job_id]
 
-# Which Scan pointer a str field fills.
+# Which Scan member a typed field fills (by the field's name, as _wire_py decides).
 cdef enum:
     CAP_NONE = 0
-    CAP_JOB_ID = 1
-    CAP_ENV = 2
+    CAP_JOB_ID = 1       # str "job_id"
+    CAP_ENV = 2          # str "environment"
+    CAP_ENV_TYPE = 3     # str "environment_type"
+    CAP_PRIORITY = 4     # int "priority"
+
+# How a splice rule rewrites the job id (protocol.Splice.job_id).
+cdef enum:
+    JOB_ID_KEEP = 0      # None: copied as it is
+    JOB_ID_PAIR = 1      # "pair": [bin client identity, the client's job id value]
+    JOB_ID_STR = 2       # "str": the job id str found in the 0.5 agent's pair
 
 cdef enum:
-    MAX_SIDE_FIELDS = 31   # field ids 0..30 use mask bits 1..31; bit 0 is "type"
+    MAX_DIALECTS = 4
+    MAX_SIDE_FIELDS = 31   # field ids 0..30 use mask bits 1..31; bit 0 is the type key
     MAX_TYPES = 8
     TYPE_GID = -1
     UNKNOWN_GID = -2
@@ -71,33 +88,62 @@ cdef struct TypeDef:
     const char* name
     Py_ssize_t len
     int code
-    uint32_t mask                       # bit gid+1 per declared field, bit 0 for "type"
+    uint32_t mask                       # bit gid+1 per declared field, bit 0 for the type key
     signed char index[MAX_SIDE_FIELDS]  # field id -> index in declaration order
 
 cdef struct Side:
+    int dialect            # the tag whose tables these are
+    const char* type_key   # "type" / "@type"
+    Py_ssize_t type_key_len
+    int nforeign           # the other dialects' type keys: meeting one means the frame is theirs
+    const char* foreign_key[MAX_DIALECTS]
+    Py_ssize_t foreign_len[MAX_DIALECTS]
+    int foreign_tag[MAX_DIALECTS]
     int nfields
     FieldDef fields[MAX_SIDE_FIELDS]
     int ntypes
     TypeDef types[MAX_TYPES]
 
-cdef Side _client_side
-cdef Side _agent_side
+cdef struct SpliceRule:
+    # A protocol.Splice resolved against the incoming message's declaration order.
+    const char* out_type
+    Py_ssize_t out_type_len
+    uint32_t drop          # bit i: the entry of field index i is left out
+    int ndrop
+    int job_id             # JOB_ID_KEEP / JOB_ID_PAIR / JOB_ID_STR
+
+cdef struct DialectDef:
+    const char* type_key
+    Py_ssize_t type_key_len
+    const char* job_started   # the type name of backend_job_started
+    Py_ssize_t job_started_len
+    SpliceRule new_job
+    SpliceRule job_done
+    SpliceRule ssh_debug
+    # Declaration indices of client_new_job fields queue_fields / submission_state
+    # read; -1 where the dialect has no such field.
+    int nj_course_id
+    int nj_task_id
+    int nj_launcher
+    int nj_time_limit
+    int nj_environment_parameters
+    int nj_inputdata
+
+cdef int NDIALECTS = len(protocol.DIALECTS)
+cdef Side _client_sides[MAX_DIALECTS]
+cdef Side _agent_sides[MAX_DIALECTS]
+cdef DialectDef _dialects[MAX_DIALECTS]
 _TABLE_NAMES = []  # owners of the name buffers the tables point into (kept for the module's life)
 
 _KIND_CODES = {"any": K_ANY, "str": K_STR, "int": K_INT, "uint": K_UINT, "map": K_MAP,
                "job_pair": K_JOB_PAIR}
-
-_CLIENT_TYPED = {
-    "job_id": "str", "course_id": "str", "task_id": "str", "environment": "str", "launcher": "str",
-    "time_limit": "int", "hard_time_limit": "int", "mem_limit": "int", "name": "str",
-}
-_AGENT_TYPED = {
-    "job_id": "job_pair", "friendly_name": "str", "available_job_slots": "uint",
-    "available_containers": "map",
-}
+_CAPTURES = {"job_id": CAP_JOB_ID, "environment": CAP_ENV, "environment_type": CAP_ENV_TYPE,
+             "priority": CAP_PRIORITY}
+_JOB_ID_MODES = {None: JOB_ID_KEEP, "pair": JOB_ID_PAIR, "str": JOB_ID_STR}
 
 
 def _field_kinds(dict messages, dict typed):
+    """The kind of every field of one side, in first-declaration order (as _wire_py.field_kinds)."""
     kinds = {}
     for _code, fields in messages.values():
         for name in fields:
@@ -105,10 +151,21 @@ def _field_kinds(dict messages, dict typed):
     return kinds
 
 
-#: The kind of every field a client may send (the tests check it equals _wire_py's).
-CLIENT_FIELD_KINDS = _field_kinds(protocol.CLIENT_MESSAGES, _CLIENT_TYPED)
-#: The kind of every field an agent may send.
-AGENT_FIELD_KINDS = _field_kinds(protocol.AGENT_MESSAGES, _AGENT_TYPED)
+#: The kind of every field a client / an agent may send, per dialect tag (the tests
+#: check they equal _wire_py's).
+CLIENT_FIELD_KINDS = [_field_kinds(d.client_messages, d.client_kinds) for d in protocol.DIALECTS]
+AGENT_FIELD_KINDS = [_field_kinds(d.agent_messages, d.agent_kinds) for d in protocol.DIALECTS]
+
+# Reasons that name a dialect's type key or message names, by dialect tag.
+_TYPE_NOT_STR = [f"{d.type_key} must be a str" for d in protocol.DIALECTS]
+_MISSING_TYPE = [f"missing key {d.type_key!r}" for d in protocol.DIALECTS]
+_NOT_JOB_DONE = [f"not an {d.agent_type(protocol.AGENT_JOB_DONE)}" for d in protocol.DIALECTS]
+_NOT_SSH_DEBUG = [f"not an {d.agent_type(protocol.AGENT_JOB_SSH_DEBUG)}" for d in protocol.DIALECTS]
+
+# Whole-value rules of 0.9 (rare: queue snapshots, kills), taken from the dialect module.
+_decode = protocol.decode
+_time_estimate = protocol.v09.time_estimate
+_input_state = protocol.v09.input_state
 
 
 cdef const char* _keep(str text, Py_ssize_t* length) except NULL:
@@ -118,17 +175,23 @@ cdef const char* _keep(str text, Py_ssize_t* length) except NULL:
     return <const char*>raw
 
 
-cdef int _build_side(Side* side, dict messages, dict kinds) except -1:
+cdef int _build_side(Side* side, object dialect, dict messages, dict kinds) except -1:
     names = list(kinds)
     if len(names) > MAX_SIDE_FIELDS or len(messages) > MAX_TYPES:
         raise RuntimeError("protocol tables too large for the wire scanner")
+    side.dialect = dialect.tag
+    side.type_key = _keep(dialect.type_key, &side.type_key_len)
+    side.nforeign = 0
+    for other in protocol.DIALECTS:
+        if other.tag != dialect.tag:
+            side.foreign_key[side.nforeign] = _keep(other.type_key, &side.foreign_len[side.nforeign])
+            side.foreign_tag[side.nforeign] = other.tag
+            side.nforeign += 1
     side.nfields = len(names)
     for gid, name in enumerate(names):
         side.fields[gid].name = _keep(name, &side.fields[gid].len)
         side.fields[gid].kind = _KIND_CODES[kinds[name]]
-        side.fields[gid].capture = (
-            CAP_JOB_ID if name == "job_id" else CAP_ENV if name == "environment" else CAP_NONE
-        )
+        side.fields[gid].capture = _CAPTURES.get(name, CAP_NONE)
     side.ntypes = len(messages)
     for t, (msgname, (code, fields)) in enumerate(messages.items()):
         side.types[t].name = _keep(msgname, &side.types[t].len)
@@ -143,30 +206,48 @@ cdef int _build_side(Side* side, dict messages, dict kinds) except -1:
     return 0
 
 
-_build_side(&_client_side, protocol.CLIENT_MESSAGES, CLIENT_FIELD_KINDS)
-_build_side(&_agent_side, protocol.AGENT_MESSAGES, AGENT_FIELD_KINDS)
+cdef int _build_rule(SpliceRule* rule, dict messages, int code, object splice) except -1:
+    fields = next(f for c, f in messages.values() if c == code)
+    # Field 0 is the job id in every message that is spliced (the splicers rely on it).
+    if fields[0] != "job_id":
+        raise RuntimeError("a spliced message must declare job_id first")
+    rule.out_type = _keep(splice.out_type, &rule.out_type_len)
+    rule.drop = 0
+    rule.ndrop = 0
+    for name in splice.drop:
+        rule.drop |= (<uint32_t>1) << fields.index(name)
+        rule.ndrop += 1
+    rule.job_id = _JOB_ID_MODES[splice.job_id]
+    return 0
 
-_NEW_JOB_FIELDS = protocol.CLIENT_MESSAGES["client_new_job"][1]
-cdef int NJ_JOB_ID = _NEW_JOB_FIELDS.index("job_id")
-cdef int NJ_COURSE_ID = _NEW_JOB_FIELDS.index("course_id")
-cdef int NJ_TASK_ID = _NEW_JOB_FIELDS.index("task_id")
-cdef int NJ_TIME_LIMIT = _NEW_JOB_FIELDS.index("time_limit")
-cdef int NJ_LAUNCHER = _NEW_JOB_FIELDS.index("launcher")
-# The splicers rewrite field 0 as the job id in every message they handle.
-assert NJ_JOB_ID == 0
-assert protocol.AGENT_MESSAGES["agent_job_done"][1][0] == "job_id"
-assert protocol.AGENT_MESSAGES["agent_job_ssh_debug"][1][0] == "job_id"
 
-# Type names of the frames the backend builds by splicing (all shorter than 32: fixstr).
-cdef const char* BACKEND_NEW_JOB = b"backend_new_job"
-cdef const char* BACKEND_JOB_DONE = b"backend_job_done"
-cdef const char* BACKEND_JOB_SSH_DEBUG = b"backend_job_ssh_debug"
-cdef const char* BACKEND_JOB_STARTED = b"backend_job_started"
-cdef enum:
-    BACKEND_NEW_JOB_LEN = 15
-    BACKEND_JOB_DONE_LEN = 16
-    BACKEND_JOB_SSH_DEBUG_LEN = 21
-    BACKEND_JOB_STARTED_LEN = 19
+def _index_or_none(tuple fields, str name):
+    return fields.index(name) if name in fields else -1
+
+
+cdef int _build_dialect(DialectDef* dd, object dialect) except -1:
+    dd.type_key = _keep(dialect.type_key, &dd.type_key_len)
+    dd.job_started = _keep(dialect.job_started_type, &dd.job_started_len)
+    _build_rule(&dd.new_job, dialect.client_messages, CLIENT_NEW_JOB, dialect.new_job)
+    _build_rule(&dd.job_done, dialect.agent_messages, AGENT_JOB_DONE, dialect.job_done)
+    _build_rule(&dd.ssh_debug, dialect.agent_messages, AGENT_JOB_SSH_DEBUG, dialect.ssh_debug)
+    fields = dialect.client_messages[dialect.client_type(CLIENT_NEW_JOB)][1]
+    dd.nj_course_id = _index_or_none(fields, "course_id")
+    dd.nj_task_id = _index_or_none(fields, "task_id")
+    dd.nj_launcher = _index_or_none(fields, "launcher")
+    dd.nj_time_limit = _index_or_none(fields, "time_limit")
+    dd.nj_environment_parameters = _index_or_none(fields, "environment_parameters")
+    dd.nj_inputdata = _index_or_none(fields, "inputdata")
+    return 0
+
+
+if NDIALECTS > MAX_DIALECTS:
+    raise RuntimeError("more dialects than the wire scanner has room for")
+for _d in protocol.DIALECTS:
+    _build_side(&_client_sides[<int>_d.tag], _d, _d.client_messages, CLIENT_FIELD_KINDS[_d.tag])
+    _build_side(&_agent_sides[<int>_d.tag], _d, _d.agent_messages, AGENT_FIELD_KINDS[_d.tag])
+    _build_dialect(&_dialects[<int>_d.tag], _d)
+del _d
 
 # Lead bytes 0xc0..0xdf for the skipper: what follows the lead byte, and its size.
 cdef enum:
@@ -210,6 +291,10 @@ cdef int _fail(str reason) except -1:
 
 cdef int _truncated() except -1:
     raise WireError("truncated frame")
+
+
+cdef int _bad_dialect(int dialect) except -1:
+    raise IndexError(f"no dialect has the tag {dialect}")
 
 
 cdef int _fail_shown(str fmt, const uchar* p, Py_ssize_t n) except -1:
@@ -511,8 +596,33 @@ cdef inline bint _same(const uchar* a, const char* b, Py_ssize_t n) noexcept:
     return True
 
 
+
+
+cdef inline int64_t _priority_value(const uchar* buf, Py_ssize_t pos) noexcept:
+    """The value of an integer a scan has already checked, clamped to int64's maximum.
+
+    A uint64 beyond int64 is served as the largest priority (the scheduler keeps int64),
+    as _wire_py's ``min(value, PRIORITY_MAX)``.
+    """
+    cdef uchar lead = buf[pos]
+    cdef int size, i
+    cdef uint64_t v = 0
+    if lead <= 0x7F:
+        return lead
+    if lead >= 0xE0:
+        return <int>lead - 0x100
+    size = 1 << ((lead - 0xCC) & 3)
+    for i in range(size):
+        v = (v << 8) | buf[pos + 1 + i]
+    if lead < 0xD0:
+        return INT64_MAX if v > <uint64_t>INT64_MAX else <int64_t>v
+    if size < 8 and (v >> (8 * size - 1)):
+        v |= ~((<uint64_t>1 << (8 * size)) - 1)  # sign-extend
+    return <int64_t>v
+
+
 cdef inline int _lookup_field(const Side* side, const uchar* key, Py_ssize_t length, int guess) noexcept:
-    """The field id of a key, TYPE_GID for "type", or UNKNOWN_GID.
+    """The field id of a key, TYPE_GID for the side's type key, or UNKNOWN_GID.
 
     `guess` is tried first: peers write the fields in declaration order, so the key
     after field g is nearly always field g + 1.
@@ -524,7 +634,7 @@ cdef inline int _lookup_field(const Side* side, const uchar* key, Py_ssize_t len
     for gid in range(side.nfields):
         if side.fields[gid].len == length and _same(key, side.fields[gid].name, length):
             return gid
-    if length == 4 and _same(key, b"type", 4):
+    if length == side.type_key_len and _same(key, side.type_key, length):
         return TYPE_GID
     return UNKNOWN_GID
 
@@ -535,6 +645,38 @@ cdef inline const TypeDef* _lookup_type(const Side* side, const uchar* name, Py_
         if side.types[t].len == length and _same(name, side.types[t].name, length):
             return &side.types[t]
     return NULL
+
+
+cdef int _foreign_dialect(const Side* side, const uchar* buf, Py_ssize_t pos, Py_ssize_t left,
+                          Py_ssize_t n) except? -2:
+    """The tag of another dialect whose type key is one of the `left` keys from pos, or -1.
+
+    Only asked once a key has turned out unknown (the real 0.9 peers write ``@type``
+    last, so a 0.9 frame read as 0.5 meets a 0.9-only field first).  -1 when none is
+    found, or when the rest does not read: the unknown key is then reported as such.
+    """
+    cdef Py_ssize_t i, start = 0, length = 0
+    cdef int j
+    try:
+        for i in range(left):
+            if not _read_str(buf, pos, n, &start, &length):
+                return -1
+            for j in range(side.nforeign):
+                if side.foreign_len[j] == length and memcmp(buf + start, side.foreign_key[j], length) == 0:
+                    return side.foreign_tag[j]
+            pos = _skip(buf, start + length, n, 1)
+    except WireError:
+        return -1
+    return -1
+
+
+cdef int _unknown_key(const Side* side, const uchar* buf, Py_ssize_t key_start, Py_ssize_t left,
+                      Py_ssize_t n, Py_ssize_t start, Py_ssize_t length) except -1:
+    """Raise for the unknown key at key_start: WrongDialect if the frame is another dialect's."""
+    cdef int other = _foreign_dialect(side, buf, key_start, left, n)
+    if other >= 0:
+        raise WrongDialect(other)
+    return _fail_shown("unexpected key {}", buf + start, length)
 
 
 cdef int _scan(const Side* side, const char* frame, Py_ssize_t n, Scan* out) except -1:
@@ -567,12 +709,16 @@ cdef int _scan(const Side* side, const char* frame, Py_ssize_t n, Scan* out) exc
     if count > MAX_FIELDS:
         return _fail("too many keys")
 
+    out.dialect = side.dialect
     out.job_id = NULL
     out.job_id_len = 0
     out.ident = NULL
     out.ident_len = 0
     out.env = NULL
     out.env_len = 0
+    out.env_type = NULL
+    out.env_type_len = 0
+    out.priority = 0
     for i in range(<Py_ssize_t>count):
         key_start = pos
         if not _read_str(buf, pos, n, &start, &length):
@@ -580,7 +726,7 @@ cdef int _scan(const Side* side, const char* frame, Py_ssize_t n, Scan* out) exc
         pos = start + length
         gid = _lookup_field(side, buf + start, length, gid + 1)
         if gid == UNKNOWN_GID:
-            return _fail_shown("unexpected key {}", buf + start, length)
+            return _unknown_key(side, buf, key_start, <Py_ssize_t>count - i, n, start, length)
         bit = (<uint32_t>1) << (gid + 1)
         if seen & bit:
             return _fail_shown("duplicate key {}", buf + start, length)
@@ -588,7 +734,7 @@ cdef int _scan(const Side* side, const char* frame, Py_ssize_t n, Scan* out) exc
         val_start = pos
         if gid == TYPE_GID:
             if not _read_str(buf, pos, n, &type_start, &type_len):
-                return _fail("type must be a str")
+                return _fail(_TYPE_NOT_STR[side.dialect])
             pos = type_start + type_len
         else:
             f = &side.fields[gid]
@@ -607,11 +753,16 @@ cdef int _scan(const Side* side, const char* frame, Py_ssize_t n, Scan* out) exc
                 elif f.capture == CAP_ENV:
                     out.env = frame + start
                     out.env_len = length
+                elif f.capture == CAP_ENV_TYPE:
+                    out.env_type = frame + start
+                    out.env_type_len = length
             elif kind == K_INT or kind == K_UINT:
                 if not _read_int(buf, pos, n, &negative, &pos):
                     return _fail_field("{} must be an int", f)
                 if kind == K_UINT and negative:
                     return _fail_field("{} must be >= 0", f)
+                if f.capture == CAP_PRIORITY:
+                    out.priority = _priority_value(buf, val_start)
             elif kind == K_MAP:
                 if pos >= n:
                     return _truncated()
@@ -629,7 +780,7 @@ cdef int _scan(const Side* side, const char* frame, Py_ssize_t n, Scan* out) exc
         return _fail("trailing bytes after message")
 
     if type_start < 0:
-        return _fail("missing key 'type'")
+        return _fail(_MISSING_TYPE[side.dialect])
     td = _lookup_type(side, buf + type_start, type_len)
     if td == NULL:
         return _fail_shown("unknown message type {}", buf + type_start, type_len)
@@ -647,12 +798,16 @@ cdef int _scan(const Side* side, const char* frame, Py_ssize_t n, Scan* out) exc
     return 0
 
 
-cdef int scan_client_c(const char* buf, Py_ssize_t n, Scan* out) except -1:
-    return _scan(&_client_side, buf, n, out)
+cdef int scan_client_c(int dialect, const char* buf, Py_ssize_t n, Scan* out) except -1:
+    if <unsigned>dialect >= <unsigned>NDIALECTS:
+        return _bad_dialect(dialect)
+    return _scan(&_client_sides[dialect], buf, n, out)
 
 
-cdef int scan_agent_c(const char* buf, Py_ssize_t n, Scan* out) except -1:
-    return _scan(&_agent_side, buf, n, out)
+cdef int scan_agent_c(int dialect, const char* buf, Py_ssize_t n, Scan* out) except -1:
+    if <unsigned>dialect >= <unsigned>NDIALECTS:
+        return _bad_dialect(dialect)
+    return _scan(&_agent_sides[dialect], buf, n, out)
 
 
 # -- writing (always the shortest header) ---------------------------------------------
@@ -723,42 +878,51 @@ cdef inline char* _copy(char* o, const char* buf, Py_ssize_t start, Py_ssize_t e
     return o + (end - start)
 
 
-cdef Py_ssize_t new_job_size(const Scan* s, Py_ssize_t ident_len) noexcept:
-    """Length of the backend_new_job frame write_new_job makes from a client_new_job scan."""
-    cdef Py_ssize_t size = _map_header_size(s.nfields - 1)
-    cdef int i
+
+cdef inline Py_ssize_t _splice_size(const Scan* s, const SpliceRule* rule, Py_ssize_t ident_len) noexcept:
+    """Length of the frame _splice_write makes from a scan by a rule."""
+    cdef Py_ssize_t size = _map_header_size(s.nfields - rule.ndrop)
+    cdef int i, field
     for i in range(s.nfields):
-        if s.field[i] == TYPE_GID:
-            size += (s.val_start[i] - s.key_start[i]) + 1 + BACKEND_NEW_JOB_LEN
-        elif s.field[i] == NJ_JOB_ID:
-            size += s.val_end[i] - s.key_start[i] + 1 + _bin_header_size(ident_len) + ident_len
-        elif s.field[i] != NJ_LAUNCHER:
+        field = s.field[i]
+        if field == TYPE_GID:
+            size += (s.val_start[i] - s.key_start[i]) + _str_header_size(rule.out_type_len) + rule.out_type_len
+        elif field == 0 and rule.job_id != JOB_ID_KEEP:  # job_id: field 0 of every spliced message
+            if rule.job_id == JOB_ID_PAIR:
+                size += s.val_end[i] - s.key_start[i] + 1 + _bin_header_size(ident_len) + ident_len
+            else:
+                size += (s.val_start[i] - s.key_start[i]) + _str_header_size(s.job_id_len) + s.job_id_len
+        elif not ((rule.drop >> field) & 1):
             size += s.val_end[i] - s.key_start[i]
     return size
 
 
-cdef Py_ssize_t write_new_job(char* out, const char* buf, const Scan* s,
-                              const char* ident, Py_ssize_t ident_len) noexcept:
-    """Write backend_new_job: type replaced, job_id -> [bin ident, str job_id], launcher dropped.
+cdef inline Py_ssize_t _splice_write(char* out, const char* buf, const Scan* s, const SpliceRule* rule,
+                                     const char* ident, Py_ssize_t ident_len) noexcept:
+    """Rebuild a frame: the type key's value becomes rule.out_type, the job id is rewritten
+    as rule.job_id says, the entries in rule.drop are left out.
 
     Entries are contiguous in the frame, so the untouched ones between two changed
     entries go out in one memcpy; `run` is where the pending span starts.
     """
-    cdef char* o = _put_map_header(out, s.nfields - 1)
+    cdef char* o = _put_map_header(out, s.nfields - rule.ndrop)
     cdef Py_ssize_t run = s.key_start[0] if s.nfields else 0
     cdef int i, field
     for i in range(s.nfields):
         field = s.field[i]
         if field == TYPE_GID:
             o = _copy(o, buf, run, s.val_start[i])  # the span and this key
-            o = _put_str(o, BACKEND_NEW_JOB, BACKEND_NEW_JOB_LEN)
-        elif field == NJ_JOB_ID:
+            o = _put_str(o, rule.out_type, rule.out_type_len)
+        elif field == 0 and rule.job_id != JOB_ID_KEEP:
             o = _copy(o, buf, run, s.val_start[i])
-            o[0] = <char>0x92
-            o = _put_bin(o + 1, ident, ident_len)
-            # The client's job id keeps its own encoding, header included.
-            o = _copy(o, buf, s.val_start[i], s.val_end[i])
-        elif field == NJ_LAUNCHER:
+            if rule.job_id == JOB_ID_PAIR:
+                o[0] = <char>0x92
+                o = _put_bin(o + 1, ident, ident_len)
+                # The client's job id keeps its own encoding, header included.
+                o = _copy(o, buf, s.val_start[i], s.val_end[i])
+            else:
+                o = _put_str(o, s.job_id, s.job_id_len)
+        elif (rule.drop >> field) & 1:
             o = _copy(o, buf, run, s.key_start[i])
         else:
             continue
@@ -768,72 +932,71 @@ cdef Py_ssize_t write_new_job(char* out, const char* buf, const Scan* s,
     return o - out
 
 
+cdef Py_ssize_t new_job_size(const Scan* s, Py_ssize_t ident_len) noexcept:
+    """Length of the backend_new_job frame write_new_job makes from a client_new_job scan."""
+    return _splice_size(s, &_dialects[s.dialect].new_job, ident_len)
+
+
+cdef Py_ssize_t write_new_job(char* out, const char* buf, const Scan* s,
+                              const char* ident, Py_ssize_t ident_len) noexcept:
+    """Write backend_new_job by the scan's dialect's rule (0.5: job_id -> [bin ident, job_id],
+    launcher dropped; 0.9: priority and launcher dropped)."""
+    return _splice_write(out, buf, s, &_dialects[s.dialect].new_job, ident, ident_len)
+
+
+cdef inline const SpliceRule* _agent_rule(const Scan* s) noexcept:
+    if s.type == AGENT_JOB_DONE:
+        return &_dialects[s.dialect].job_done
+    if s.type == AGENT_JOB_SSH_DEBUG:
+        return &_dialects[s.dialect].ssh_debug
+    return NULL
+
+
 cdef Py_ssize_t agent_to_client_size(const Scan* s) noexcept:
     """Length of the frame write_agent_to_client makes; -1 if s.type is not spliced so."""
-    cdef Py_ssize_t size = _map_header_size(s.nfields)
-    cdef Py_ssize_t name_len
-    cdef int i
-    if s.type == AGENT_JOB_DONE:
-        name_len = BACKEND_JOB_DONE_LEN
-    elif s.type == AGENT_JOB_SSH_DEBUG:
-        name_len = BACKEND_JOB_SSH_DEBUG_LEN
-    else:
+    cdef const SpliceRule* rule = _agent_rule(s)
+    if rule == NULL:
         return -1
-    for i in range(s.nfields):
-        if s.field[i] == TYPE_GID:
-            size += (s.val_start[i] - s.key_start[i]) + 1 + name_len
-        elif s.field[i] == 0:  # job_id
-            size += (s.val_start[i] - s.key_start[i]) + _str_header_size(s.job_id_len) + s.job_id_len
-        else:
-            size += s.val_end[i] - s.key_start[i]
-    return size
+    return _splice_size(s, rule, 0)
 
 
 cdef Py_ssize_t write_agent_to_client(char* out, const char* buf, const Scan* s) noexcept:
-    """Write backend_job_done / backend_job_ssh_debug: type replaced, job_id -> the client's str."""
-    cdef char* o = _put_map_header(out, s.nfields)
-    cdef Py_ssize_t run = s.key_start[0] if s.nfields else 0
-    cdef const char* name
-    cdef Py_ssize_t name_len
-    cdef int i, field
-    if s.type == AGENT_JOB_DONE:
-        name, name_len = BACKEND_JOB_DONE, BACKEND_JOB_DONE_LEN
-    else:
-        name, name_len = BACKEND_JOB_SSH_DEBUG, BACKEND_JOB_SSH_DEBUG_LEN
-    for i in range(s.nfields):
-        field = s.field[i]
-        if field == TYPE_GID:
-            o = _copy(o, buf, run, s.val_start[i])
-            o = _put_str(o, name, name_len)
-        elif field == 0:  # job_id
-            o = _copy(o, buf, run, s.val_start[i])
-            o = _put_str(o, s.job_id, s.job_id_len)
-        else:
-            continue
-        run = s.val_end[i]
-    if s.nfields:
-        o = _copy(o, buf, run, s.val_end[s.nfields - 1])
-    return o - out
+    """Write backend_job_done / backend_job_ssh_debug by the scan's dialect's rule."""
+    return _splice_write(out, buf, s, _agent_rule(s), NULL, 0)
 
 
-cdef Py_ssize_t job_started_size(Py_ssize_t job_id_len) noexcept:
-    # fixmap, "type" key (5) + its value, "job_id" key (7) + its value
-    return 1 + 5 + 1 + BACKEND_JOB_STARTED_LEN + 7 + _str_header_size(job_id_len) + job_id_len
+cdef Py_ssize_t job_started_size(int dialect, Py_ssize_t job_id_len) noexcept:
+    cdef const DialectDef* dd = &_dialects[dialect]
+    # fixmap, the type key and its value, "job_id" key (7) and its value
+    return (1 + _str_header_size(dd.type_key_len) + dd.type_key_len
+            + _str_header_size(dd.job_started_len) + dd.job_started_len
+            + 7 + _str_header_size(job_id_len) + job_id_len)
 
 
-cdef Py_ssize_t write_job_started(char* out, const char* job_id, Py_ssize_t job_id_len) noexcept:
+cdef Py_ssize_t write_job_started(char* out, int dialect, const char* job_id, Py_ssize_t job_id_len) noexcept:
+    cdef const DialectDef* dd = &_dialects[dialect]
     cdef char* o = out
     o[0] = <char>0x82
-    o = _put_str(o + 1, b"type", 4)
-    o = _put_str(o, BACKEND_JOB_STARTED, BACKEND_JOB_STARTED_LEN)
+    o = _put_str(o + 1, dd.type_key, dd.type_key_len)
+    o = _put_str(o, dd.job_started, dd.job_started_len)
     o = _put_str(o, b"job_id", 6)
     o = _put_str(o, job_id, job_id_len)
     return o - out
 
 
-cdef bytes job_key_c(const char* ident, Py_ssize_t ident_len, const char* job_id, Py_ssize_t job_id_len):
-    cdef bytes key = PyBytes_FromStringAndSize(NULL, 1 + ident_len + job_id_len)
-    cdef char* o = PyBytes_AS_STRING(key)
+cdef bytes job_key_c(int dialect, const char* ident, Py_ssize_t ident_len,
+                     const char* job_id, Py_ssize_t job_id_len):
+    """0.5: identity length byte, identity, job id; 0.9 (global ids): a zero byte, job id."""
+    cdef bytes key
+    cdef char* o
+    if dialect == V09:
+        key = PyBytes_FromStringAndSize(NULL, 1 + job_id_len)
+        o = PyBytes_AS_STRING(key)
+        o[0] = 0
+        memcpy(o + 1, job_id, job_id_len)
+        return key
+    key = PyBytes_FromStringAndSize(NULL, 1 + ident_len + job_id_len)
+    o = PyBytes_AS_STRING(key)
     o[0] = <char><uchar>ident_len
     memcpy(o + 1, ident, ident_len)
     memcpy(o + 1 + ident_len, job_id, job_id_len)
@@ -854,45 +1017,103 @@ cdef int _check_written(Py_ssize_t written, Py_ssize_t size) except -1:
     return 0
 
 
-def scan_client(bytes frame not None) -> tuple:
-    """Check a client frame: (type code, job_id, environment).
+cdef int _check_dialect(int dialect) except -1:
+    if <unsigned>dialect >= <unsigned>NDIALECTS:
+        return _bad_dialect(dialect)
+    return 0
+
+
+cdef object _str_at(const char* buf, Py_ssize_t pos, Py_ssize_t n):
+    """The text of a str value a scan has already checked."""
+    cdef Py_ssize_t start = 0, length = 0
+    _read_str(<const uchar*>buf, pos, n, &start, &length)
+    return PyUnicode_DecodeUTF8(buf + start, length, NULL)
+
+
+cdef object _decoded(const char* buf, Py_ssize_t start, Py_ssize_t end):
+    """A pass-through value as the real peers decode it, or None where msgpack-python
+    refuses what the scanner let through (as _wire_py._decoded)."""
+    try:
+        return _decode(PyBytes_FromStringAndSize(buf + start, end - start))
+    except (ValueError, TypeError):
+        return None
+
+
+cdef int _scan_new_job(bytes frame, int dialect, Scan* s) except -1:
+    scan_client_c(dialect, PyBytes_AS_STRING(frame), len(frame), s)
+    if s.type != CLIENT_NEW_JOB:
+        raise WireError("not a client_new_job")
+    return 0
+
+
+def scan_client(bytes frame not None, int dialect=V05) -> tuple:
+    """Check a client frame of ``dialect``: (type code, job_id, environment, priority).
 
     job_id is set for client_new_job and client_kill_job, environment for
-    client_new_job; both are None otherwise.  Raises WireError.
+    client_new_job (0.5: its name; 0.9: the pair (environment_type, environment)), None
+    otherwise; priority is the 0.9 job's (clamped to int64), 0 otherwise.  Raises
+    WireError, or WrongDialect when the frame is in another dialect.
     """
     cdef Scan s
-    scan_client_c(PyBytes_AS_STRING(frame), len(frame), &s)
-    return s.type, _text(s.job_id, s.job_id_len), _text(s.env, s.env_len)
+    scan_client_c(dialect, PyBytes_AS_STRING(frame), len(frame), &s)
+    env = _text(s.env, s.env_len)
+    if s.env_type != NULL:
+        env = (_text(s.env_type, s.env_type_len), env)
+    return s.type, _text(s.job_id, s.job_id_len), env, s.priority
 
 
-def queue_fields(bytes frame not None) -> tuple:
-    """For a client_new_job frame: (job_id, course_id, task_id, launcher, time_limit)."""
+def queue_fields(bytes frame not None, int dialect=V05) -> tuple:
+    """For a client_new_job frame: (job_id, course_id, task_id, launcher, time value).
+
+    The time value is 0.5's ``time_limit``, or 0.9's estimate from
+    ``environment_parameters`` (``protocol.v09.time_estimate``).
+    """
     cdef Scan s
     cdef const char* buf = PyBytes_AS_STRING(frame)
     cdef Py_ssize_t n = len(frame)
-    cdef Py_ssize_t start = 0, length = 0
+    cdef const DialectDef* dd
     cdef int i, field
-    scan_client_c(buf, n, &s)
-    if s.type != CLIENT_NEW_JOB:
-        raise WireError("not a client_new_job")
-    texts = {}
-    time_limit = None
+    _scan_new_job(frame, dialect, &s)
+    dd = &_dialects[dialect]
+    course_id = task_id = launcher = time_value = None
     for i in range(s.nfields):
         field = s.field[i]
-        if field == NJ_COURSE_ID or field == NJ_TASK_ID or field == NJ_LAUNCHER:
-            _read_str(<const uchar*>buf, s.val_start[i], n, &start, &length)
-            texts[field] = PyUnicode_DecodeUTF8(buf + start, length, NULL)
-        elif field == NJ_TIME_LIMIT:
-            time_limit = _int_value(<const uchar*>buf, s.val_start[i])
-    return (_text(s.job_id, s.job_id_len), texts[NJ_COURSE_ID], texts[NJ_TASK_ID], texts[NJ_LAUNCHER],
-            time_limit)
+        if field < 0:
+            continue  # the type key (and an index a dialect lacks is -1 too)
+        if field == dd.nj_course_id:
+            course_id = _str_at(buf, s.val_start[i], n)
+        elif field == dd.nj_task_id:
+            task_id = _str_at(buf, s.val_start[i], n)
+        elif field == dd.nj_launcher:
+            launcher = _str_at(buf, s.val_start[i], n)
+        elif dialect == V09:
+            if field == dd.nj_environment_parameters:
+                time_value = _time_estimate(_decoded(buf, s.val_start[i], s.val_end[i]))
+        elif field == dd.nj_time_limit:
+            time_value = _int_value(<const uchar*>buf, s.val_start[i])
+    return _text(s.job_id, s.job_id_len), course_id, task_id, launcher, time_value
 
 
-def splice_new_job(bytes frame not None, bytes client_identity not None) -> bytes:
-    """client_new_job frame -> backend_new_job frame.
+def submission_state(bytes frame not None, int dialect=V09) -> object:
+    """For a 0.9 ClientNewJob frame: the state its input carries (``inputdata["@state"]``, or "")."""
+    cdef Scan s
+    cdef const char* buf = PyBytes_AS_STRING(frame)
+    cdef int i
+    if dialect != V09:
+        raise WireError("only dialect 0.9 jobs carry a state")
+    _scan_new_job(frame, dialect, &s)
+    for i in range(s.nfields):
+        if s.field[i] == _dialects[dialect].nj_inputdata:
+            return _input_state(_decoded(buf, s.val_start[i], s.val_end[i]))
+    raise AssertionError("inputdata not in a scanned ClientNewJob")  # the key set was checked
 
-    ``type`` is replaced, ``job_id`` becomes ``[bin client_identity, str job_id]``,
-    ``launcher`` is removed; every other entry is copied byte for byte.
+
+def splice_new_job(bytes frame not None, bytes client_identity not None, int dialect=V05) -> bytes:
+    """client_new_job frame -> backend_new_job frame, by the dialect's rule.
+
+    ``type`` is replaced; 0.5: ``job_id`` becomes ``[bin client_identity, str job_id]``,
+    ``launcher`` is removed; 0.9: ``priority`` and ``launcher`` are removed.  Every other
+    entry is copied byte for byte.
     """
     cdef Scan s
     cdef const char* buf = PyBytes_AS_STRING(frame)
@@ -900,9 +1121,7 @@ def splice_new_job(bytes frame not None, bytes client_identity not None) -> byte
     cdef Py_ssize_t size, written
     if ident_len < 1 or ident_len > 255:
         raise WireError("client identity must be 1..255 bytes")
-    scan_client_c(buf, len(frame), &s)
-    if s.type != CLIENT_NEW_JOB:
-        raise WireError("not a client_new_job")
+    _scan_new_job(frame, dialect, &s)
     size = new_job_size(&s, ident_len)
     out = PyBytes_FromStringAndSize(NULL, size)
     written = write_new_job(PyBytes_AS_STRING(out), buf, &s, PyBytes_AS_STRING(client_identity), ident_len)
@@ -911,26 +1130,26 @@ def splice_new_job(bytes frame not None, bytes client_identity not None) -> byte
     return out
 
 
-def scan_agent(bytes frame not None) -> tuple:
-    """Check an agent frame: (type code, client_identity, client_job_id).
+def scan_agent(bytes frame not None, int dialect=V05) -> tuple:
+    """Check an agent frame of ``dialect``: (type code, client_identity, job_id).
 
-    The last two are the parts of the job id 2-array of agent_job_started,
-    agent_job_done and agent_job_ssh_debug; None for agent_hello and pong.
-    Raises WireError.
+    job_id is set for the job started / done / ssh debug messages; client_identity too
+    in 0.5, where it is part of the job id pair (None in 0.9 and for hello and pong).
+    Raises WireError, or WrongDialect when the frame is in another dialect.
     """
     cdef Scan s
-    scan_agent_c(PyBytes_AS_STRING(frame), len(frame), &s)
+    scan_agent_c(dialect, PyBytes_AS_STRING(frame), len(frame), &s)
     ident = None if s.ident == NULL else PyBytes_FromStringAndSize(s.ident, s.ident_len)
     return s.type, ident, _text(s.job_id, s.job_id_len)
 
 
-cdef bytes _agent_to_client(bytes frame, int code, str what):
+cdef bytes _agent_to_client(bytes frame, int dialect, int code, list not_this):
     cdef Scan s
     cdef const char* buf = PyBytes_AS_STRING(frame)
     cdef Py_ssize_t size, written
-    scan_agent_c(buf, len(frame), &s)
+    scan_agent_c(dialect, buf, len(frame), &s)
     if s.type != code:
-        raise WireError(f"not an {what}")
+        raise WireError(not_this[dialect])
     size = agent_to_client_size(&s)
     out = PyBytes_FromStringAndSize(NULL, size)
     written = write_agent_to_client(PyBytes_AS_STRING(out), buf, &s)
@@ -939,37 +1158,46 @@ cdef bytes _agent_to_client(bytes frame, int code, str what):
     return out
 
 
-def splice_job_done(bytes frame not None) -> bytes:
-    """agent_job_done -> backend_job_done: type replaced, job_id replaced by the client's str job id."""
-    return _agent_to_client(frame, AGENT_JOB_DONE, "agent_job_done")
+def splice_job_done(bytes frame not None, int dialect=V05) -> bytes:
+    """agent_job_done -> backend_job_done: type replaced (0.5: and job_id by the client's str)."""
+    return _agent_to_client(frame, dialect, AGENT_JOB_DONE, _NOT_JOB_DONE)
 
 
-def splice_ssh_debug(bytes frame not None) -> bytes:
-    """agent_job_ssh_debug -> backend_job_ssh_debug: type replaced, job_id replaced by the client's."""
-    return _agent_to_client(frame, AGENT_JOB_SSH_DEBUG, "agent_job_ssh_debug")
+def splice_ssh_debug(bytes frame not None, int dialect=V05) -> bytes:
+    """agent_job_ssh_debug -> backend_job_ssh_debug, by the same rule."""
+    return _agent_to_client(frame, dialect, AGENT_JOB_SSH_DEBUG, _NOT_SSH_DEBUG)
 
 
-def job_started(str job_id not None) -> bytes:
-    """Encode backend_job_started(job_id)."""
+def job_started(str job_id not None, int dialect=V05) -> bytes:
+    """Encode backend_job_started(job_id) in ``dialect``."""
     cdef Py_ssize_t length, size, written
+    _check_dialect(dialect)
     cdef const char* raw = PyUnicode_AsUTF8AndSize(job_id, &length)
-    size = job_started_size(length)
+    size = job_started_size(dialect, length)
     out = PyBytes_FromStringAndSize(NULL, size)
-    written = write_job_started(PyBytes_AS_STRING(out), raw, length)
+    written = write_job_started(PyBytes_AS_STRING(out), dialect, raw, length)
     if FB_DEBUG:
         _check_written(written, size)
     return out
 
 
-def job_key(bytes client_identity not None, str job_id not None) -> bytes:
-    """The broker's dictionary key for a job: identity length byte, identity, UTF-8 job id.
+def job_key(client_identity, str job_id not None, int dialect=V05) -> bytes:
+    """The broker's dictionary key for a job.
 
-    ZeroMQ identities are 1..255 bytes, so the length fits one byte and the key is
-    unambiguous.  Raises WireError for any other identity length.
+    0.5: identity length byte, identity, UTF-8 job id (ZeroMQ identities are 1..255
+    bytes, so the key is unambiguous; another length raises WireError).  0.9, where job
+    ids are global: a zero byte, then the UTF-8 job id (the identity is not used).
     """
-    cdef Py_ssize_t ident_len = len(client_identity)
+    cdef Py_ssize_t ident_len = 0
     cdef Py_ssize_t length
-    if ident_len < 1 or ident_len > 255:
-        raise WireError("client identity must be 1..255 bytes")
-    cdef const char* raw = PyUnicode_AsUTF8AndSize(job_id, &length)
-    return job_key_c(PyBytes_AS_STRING(client_identity), ident_len, raw, length)
+    cdef const char* raw
+    if dialect != V09:
+        if client_identity is None or not 1 <= len(client_identity) <= 255:
+            raise WireError("client identity must be 1..255 bytes")
+        if not isinstance(client_identity, bytes):
+            raise TypeError("client identity must be bytes")
+        ident_len = len(client_identity)
+    raw = PyUnicode_AsUTF8AndSize(job_id, &length)
+    if dialect == V09:
+        return job_key_c(dialect, NULL, 0, raw, length)
+    return job_key_c(dialect, PyBytes_AS_STRING(client_identity), ident_len, raw, length)

@@ -1,11 +1,14 @@
 """The wire module: scanning and splicing, held to msgpack-python and to each other.
 
 Every behavioural test runs on both implementations (ids ``c`` and ``py``; only ``py``
-when ``FASTBACKEND_NO_EXTENSIONS=1``).  msgpack-python is the reference: valid frames
-are made with ``msgpack.packb`` (or by hand with wider headers than needed), and every
-spliced frame must decode to exactly the decoded input, edited.  The two
-implementations must agree on everything else too, including the WireError reason for
-any bytes at all.
+when ``FASTBACKEND_NO_EXTENSIONS=1``), and the differential ones in both dialects (ids
+``0.5`` and ``0.9``).  msgpack-python is the reference: valid frames are made with
+``msgpack.packb`` (or by hand with wider headers than needed), and every spliced frame
+must decode to exactly the decoded input, edited (for 0.9 as the real peers decode it:
+``msgpack.loads(b, use_list=False, strict_map_key=False)``, then ``cls(**fields)``, so
+the key set must be exactly the dataclass's).  The two implementations must agree on
+everything else too, including the WireError reason (and WrongDialect's ``dialect``)
+for any bytes at all, read as either dialect.
 """
 
 from __future__ import annotations
@@ -26,12 +29,24 @@ from hypothesis import strategies as st
 
 from fastbackend import _wire_py, protocol, wire
 from fastbackend.protocol import (
-    AGENT_MESSAGES,
-    CLIENT_MESSAGES,
+    AGENT_HELLO,
     CLIENT_NEW_JOB,
+    DIALECTS,
+    INT_END,
+    INT_MIN,
     MAX_FRAME_SIZE,
+    V05,
+    V09,
     WireError,
+    WrongDialect,
+    v05,
+    v09,
 )
+
+# The 0.5 tables, which most of the hand-written cases below use.
+CLIENT_MESSAGES = v05.CLIENT_MESSAGES
+AGENT_MESSAGES = v05.AGENT_MESSAGES
+PRIORITY_MAX = (1 << 63) - 1
 
 NO_EXTENSIONS = os.environ.get("FASTBACKEND_NO_EXTENSIONS", "") not in ("", "0")
 
@@ -55,6 +70,7 @@ def _compiled() -> Any:
 
 IMPLS = {"py": _wire_py} if NO_EXTENSIONS else {"c": _compiled(), "py": _wire_py}
 each_impl = pytest.mark.parametrize("impl", list(IMPLS.values()), ids=list(IMPLS))
+each_dialect = pytest.mark.parametrize("dialect", [d.tag for d in DIALECTS], ids=[d.name for d in DIALECTS])
 
 SETTINGS = settings(
     max_examples=100, deadline=None,
@@ -66,12 +82,22 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def outcome(fn: Any, *args: Any) -> tuple[str, Any]:
-    """A call's result or its WireError reason; any other exception fails the test."""
+def outcome(fn: Any, *args: Any) -> tuple[Any, ...]:
+    """A call's result, its WireError reason, or WrongDialect's dialect and reason.
+
+    Any other exception fails the test.
+    """
     try:
         return "ok", fn(*args)
+    except WrongDialect as exc:
+        return "wrong dialect", exc.dialect, str(exc)
     except WireError as exc:
         return "error", str(exc)
+
+
+def wrong(dialect: int) -> tuple[Any, ...]:
+    """The outcome of a scan that met ``dialect``'s type key."""
+    return "wrong dialect", dialect, f"frame is in dialect {DIALECTS[dialect].name}"
 
 
 # -- hand-built msgpack, for headers wider than msgpack-python writes ----------------
@@ -178,20 +204,47 @@ AGENT_TYPED = {
         texts, st.fixed_dictionaries({"id": texts, "created": ints}) | values, max_size=3
     ),
 }
+# 0.9: time estimates as the real client writes them, and anything else int() may or may not take.
+time_values = ints | st.floats(allow_nan=False) | st.integers(-100, 10**30).map(str) | values
+CLIENT_TYPED_09 = {
+    "job_id": job_ids, "priority": ints, "course_id": texts, "task_id": texts,
+    "environment_type": texts, "environment": texts, "launcher": texts, "name": texts,
+    "inputdata": st.fixed_dictionaries({"@state": values}) | values,
+    "environment_parameters": st.fixed_dictionaries(
+        {"limits": st.fixed_dictionaries({"time": time_values, "memory": ints})}) | values,
+}
+AGENT_TYPED_09 = {
+    "job_id": job_ids,
+    "friendly_name": texts,
+    "available_job_slots": st.integers(0, 2**64 - 1),
+    "available_environments": st.dictionaries(
+        texts, st.dictionaries(texts, st.fixed_dictionaries({"id": texts, "created": ints}) | values,
+                               max_size=2), max_size=3
+    ),
+}
+TYPED = {V05: (CLIENT_TYPED, AGENT_TYPED), V09: (CLIENT_TYPED_09, AGENT_TYPED_09)}
 
 
 @st.composite
-def messages(draw: Any, table: dict, typed: dict, names: list[str] | None = None) -> dict:
+def messages(
+    draw: Any, table: dict, typed: dict, type_key: str = "type", names: list[str] | None = None
+) -> dict:
     """A valid message of one side as a dict, keys in random order."""
     name = draw(st.sampled_from(names or sorted(table)))
     fields = {field: draw(typed.get(field, values)) for field in table[name][1]}
-    fields["type"] = name
+    fields[type_key] = name
     order = draw(st.permutations(list(fields)))
     return {key: fields[key] for key in order}
 
 
 client_messages = messages(CLIENT_MESSAGES, CLIENT_TYPED)
 agent_messages = messages(AGENT_MESSAGES, AGENT_TYPED)
+CLIENT_STRATEGIES = {
+    d.tag: messages(d.client_messages, TYPED[d.tag][0], d.type_key) for d in DIALECTS
+}
+AGENT_STRATEGIES = {
+    d.tag: messages(d.agent_messages, TYPED[d.tag][1], d.type_key) for d in DIALECTS
+}
 
 
 # -- the right implementation is loaded ------------------------------------------------
@@ -204,8 +257,8 @@ def test_compiled_module_is_loaded() -> None:
     else:
         assert wire.IMPL == "c"
         compiled = importlib.import_module("fastbackend._wire_c")
-        for name in ("scan_client", "queue_fields", "splice_new_job", "scan_agent", "splice_job_done",
-                     "splice_ssh_debug", "job_started", "job_key"):
+        for name in ("scan_client", "queue_fields", "submission_state", "splice_new_job", "scan_agent",
+                     "splice_job_done", "splice_ssh_debug", "job_started", "job_key"):
             assert getattr(wire, name) is getattr(compiled, name)
 
 
@@ -242,101 +295,156 @@ def test_field_kinds_cover_protocol(impl: Any) -> None:
     """Both twins give every declared field the same kind (their tables cannot drift apart)."""
     assert impl.CLIENT_FIELD_KINDS == _wire_py.CLIENT_FIELD_KINDS
     assert impl.AGENT_FIELD_KINDS == _wire_py.AGENT_FIELD_KINDS
-    for table, kinds in (
-        (CLIENT_MESSAGES, impl.CLIENT_FIELD_KINDS), (AGENT_MESSAGES, impl.AGENT_FIELD_KINDS)
-    ):
-        declared = {field for _code, fields in table.values() for field in fields}
-        assert set(kinds) == declared
-    assert impl.CLIENT_FIELD_KINDS["job_id"] == "str"
-    assert impl.CLIENT_FIELD_KINDS["inputdata"] == "any"
-    assert impl.AGENT_FIELD_KINDS["job_id"] == "job_pair"
-    assert impl.AGENT_FIELD_KINDS["available_job_slots"] == "uint"
+    assert len(impl.CLIENT_FIELD_KINDS) == len(impl.AGENT_FIELD_KINDS) == len(DIALECTS)
+    for d in DIALECTS:
+        for table, kinds, typed in (
+            (d.client_messages, impl.CLIENT_FIELD_KINDS[d.tag], d.client_kinds),
+            (d.agent_messages, impl.AGENT_FIELD_KINDS[d.tag], d.agent_kinds),
+        ):
+            declared = [field for _code, fields in table.values() for field in fields]
+            assert list(kinds) == list(dict.fromkeys(declared))  # first-declaration order
+            assert kinds == {field: typed.get(field, "any") for field in kinds}
+    assert impl.CLIENT_FIELD_KINDS[V05]["job_id"] == "str"
+    assert impl.CLIENT_FIELD_KINDS[V05]["inputdata"] == "any"
+    assert impl.AGENT_FIELD_KINDS[V05]["job_id"] == "job_pair"
+    assert impl.AGENT_FIELD_KINDS[V05]["available_job_slots"] == "uint"
+    assert impl.CLIENT_FIELD_KINDS[V09]["priority"] == "int"
+    assert impl.CLIENT_FIELD_KINDS[V09]["environment_type"] == "str"
+    assert impl.AGENT_FIELD_KINDS[V09]["job_id"] == "str"
+    assert impl.AGENT_FIELD_KINDS[V09]["available_environments"] == "map"
 
 
 # -- differential tests against msgpack-python ----------------------------------------
 
-def check_client(impl: Any, msg: dict, frame: bytes, ident: bytes, minimal: bool) -> None:
-    code, job_id, environment = impl.scan_client(frame)
-    assert code == CLIENT_MESSAGES[msg["type"]][0]
+def peer_decode(frame: bytes) -> dict:
+    """A frame as the real 0.9 peers read it (they then build ``cls(**fields)``)."""
+    return msgpack.loads(frame, use_list=False, strict_map_key=False)
+
+
+def check_client(impl: Any, msg: dict, frame: bytes, ident: bytes, minimal: bool, dialect: int = V05) -> None:
+    d = DIALECTS[dialect]
+    msgtype = msg[d.type_key]
+    code, job_id, environment, priority = impl.scan_client(frame, dialect)
+    assert code == d.client_messages[msgtype][0]
     assert job_id == msg.get("job_id")
-    assert environment == msg.get("environment")
-    if msg["type"] != "client_new_job":
-        assert outcome(impl.splice_new_job, frame, ident) == ("error", "not a client_new_job")
-        assert outcome(impl.queue_fields, frame) == ("error", "not a client_new_job")
+    if dialect == V09 and "environment" in msg:
+        assert environment == (msg["environment_type"], msg["environment"])
+    else:
+        assert environment == msg.get("environment")
+    assert priority == min(msg.get("priority", 0), PRIORITY_MAX)
+    if code != CLIENT_NEW_JOB:
+        assert outcome(impl.splice_new_job, frame, ident, dialect) == ("error", "not a client_new_job")
+        assert outcome(impl.queue_fields, frame, dialect) == ("error", "not a client_new_job")
+        if dialect == V09:
+            assert outcome(impl.submission_state, frame, dialect) == ("error", "not a client_new_job")
         return
-    assert impl.queue_fields(frame) == (
-        msg["job_id"], msg["course_id"], msg["task_id"], msg["launcher"], msg["time_limit"]
+    decoded_in = protocol.decode(frame)
+    if dialect == V09:
+        time_value = v09.time_estimate(decoded_in["environment_parameters"])
+        assert impl.submission_state(frame, dialect) == v09.input_state(decoded_in["inputdata"])
+    else:
+        time_value = msg["time_limit"]
+        assert outcome(impl.submission_state, frame, dialect) == (
+            "error", "only dialect 0.9 jobs carry a state")
+    assert impl.queue_fields(frame, dialect) == (
+        msg["job_id"], msg["course_id"], msg["task_id"], msg["launcher"], time_value
     )
-    out = impl.splice_new_job(frame, ident)
+    out = impl.splice_new_job(frame, ident, dialect)
     # Splicing == decode, edit, re-encode.
-    expected = protocol.decode(frame)
-    expected["type"] = "backend_new_job"
-    expected["job_id"] = (ident, expected["job_id"])
-    del expected["launcher"]
+    expected = dict(decoded_in)
+    if dialect == V09:
+        expected["@type"] = "BackendNewJob"
+        del expected["priority"], expected["launcher"]
+        backend = "BackendNewJob"
+    else:
+        expected["type"] = "backend_new_job"
+        expected["job_id"] = (ident, expected["job_id"])
+        del expected["launcher"]
+        backend = "backend_new_job"
     decoded = protocol.decode(out)
     assert decoded == expected
     assert list(decoded) == list(expected)  # entries keep their order
+    assert set(decoded) == set(d.backend_messages[backend]) | {d.type_key}
+    if dialect == V09:
+        assert peer_decode(out) == expected
     if minimal:
         assert out == pack(expected)
 
 
-def check_agent(impl: Any, msg: dict, frame: bytes, minimal: bool) -> None:
-    code, ident, job_id = impl.scan_agent(frame)
-    assert code == AGENT_MESSAGES[msg["type"]][0]
-    if "job_id" in msg:
+def check_agent(impl: Any, msg: dict, frame: bytes, minimal: bool, dialect: int = V05) -> None:
+    d = DIALECTS[dialect]
+    code, ident, job_id = impl.scan_agent(frame, dialect)
+    assert code == d.agent_messages[msg[d.type_key]][0]
+    if dialect == V09:
+        assert (ident, job_id) == (None, msg.get("job_id"))
+    elif "job_id" in msg:
         assert (ident, job_id) == msg["job_id"]
     else:
         assert (ident, job_id) == (None, None)
-    for fn, msgtype, backend in (
-        (impl.splice_job_done, "agent_job_done", "backend_job_done"),
-        (impl.splice_ssh_debug, "agent_job_ssh_debug", "backend_job_ssh_debug"),
-    ):
-        if msg["type"] != msgtype:
-            assert outcome(fn, frame) == ("error", f"not an {msgtype}")
+    splices = {
+        V05: ((impl.splice_job_done, "agent_job_done", "backend_job_done"),
+              (impl.splice_ssh_debug, "agent_job_ssh_debug", "backend_job_ssh_debug")),
+        V09: ((impl.splice_job_done, "AgentJobDone", "BackendJobDone"),
+              (impl.splice_ssh_debug, "AgentJobSSHDebug", "BackendJobSSHDebug")),
+    }[dialect]
+    for fn, msgtype, backend in splices:
+        if msg[d.type_key] != msgtype:
+            assert outcome(fn, frame, dialect) == ("error", f"not an {msgtype}")
             continue
-        out = fn(frame)
+        out = fn(frame, dialect)
         expected = protocol.decode(frame)
-        expected["type"] = backend
-        expected["job_id"] = expected["job_id"][1]
+        expected[d.type_key] = backend
+        if dialect == V05:
+            expected["job_id"] = expected["job_id"][1]
         decoded = protocol.decode(out)
         assert decoded == expected
         assert list(decoded) == list(expected)
-        assert set(decoded) == set(protocol.BACKEND_MESSAGES[backend]) | {"type"}
+        assert set(decoded) == set(d.backend_messages[backend]) | {d.type_key}
+        if dialect == V09:
+            assert peer_decode(out) == expected
         if minimal:
             assert out == pack(expected)
 
 
 @each_impl
+@each_dialect
 @SETTINGS
-@given(msg=client_messages, ident=identities)
-def test_client_messages_match_msgpack(impl: Any, msg: dict, ident: bytes) -> None:
-    check_client(impl, msg, pack(msg), ident, minimal=True)
+@given(data=st.data(), ident=identities)
+def test_client_messages_match_msgpack(impl: Any, dialect: int, data: Any, ident: bytes) -> None:
+    msg = data.draw(CLIENT_STRATEGIES[dialect])
+    check_client(impl, msg, pack(msg), ident, minimal=True, dialect=dialect)
 
 
 @each_impl
+@each_dialect
 @SETTINGS
-@given(msg=agent_messages)
-def test_agent_messages_match_msgpack(impl: Any, msg: dict) -> None:
-    check_agent(impl, msg, pack(msg), minimal=True)
+@given(data=st.data())
+def test_agent_messages_match_msgpack(impl: Any, dialect: int, data: Any) -> None:
+    msg = data.draw(AGENT_STRATEGIES[dialect])
+    check_agent(impl, msg, pack(msg), minimal=True, dialect=dialect)
 
 
 @each_impl
+@each_dialect
 @SETTINGS
-@given(msg=client_messages, ident=identities, rnd=st.randoms(use_true_random=False))
-def test_client_messages_wide_headers(impl: Any, msg: dict, ident: bytes, rnd: Any) -> None:
+@given(data=st.data(), ident=identities, rnd=st.randoms(use_true_random=False))
+def test_client_messages_wide_headers(impl: Any, dialect: int, data: Any, ident: bytes, rnd: Any) -> None:
     """The scanner does not assume minimal encodings (map16, str32, int64 for 1, ...)."""
+    msg = data.draw(CLIENT_STRATEGIES[dialect])
     frame = wide_pack(msg, rnd)
     assert protocol.decode(frame) == protocol.decode(pack(msg))
-    check_client(impl, msg, frame, ident, minimal=False)
+    check_client(impl, msg, frame, ident, minimal=False, dialect=dialect)
 
 
 @each_impl
+@each_dialect
 @SETTINGS
-@given(msg=agent_messages, rnd=st.randoms(use_true_random=False))
-def test_agent_messages_wide_headers(impl: Any, msg: dict, rnd: Any) -> None:
+@given(data=st.data(), rnd=st.randoms(use_true_random=False))
+def test_agent_messages_wide_headers(impl: Any, dialect: int, data: Any, rnd: Any) -> None:
+    msg = data.draw(AGENT_STRATEGIES[dialect])
     frame = wide_pack(msg, rnd)
     assert protocol.decode(frame) == protocol.decode(pack(msg))
-    check_agent(impl, msg, frame, minimal=False)
+    check_agent(impl, msg, frame, minimal=False, dialect=dialect)
 
 
 def new_job(**changes: Any) -> dict:
@@ -360,6 +468,45 @@ def job_done(ident: bytes = b"\x00k\x8bEg", **changes: Any) -> dict:
     return msg
 
 
+def new_job_09(**changes: Any) -> dict:
+    """A ClientNewJob as the real 0.9 client writes it: dataclass fields in order, ``@type`` last."""
+    msg = {
+        "job_id": str(uuid.uuid4()), "priority": 10, "course_id": "LINGI1101", "task_id": "hello",
+        "task_problems": {"q1": {"type": "code"}},
+        "inputdata": {"q1": "print('hi')\n" * 70, "@lang": "python", "@state": "s1"},
+        "environment_type": "docker", "environment": "default",
+        "environment_parameters": {"limits": {"time": 30, "memory": 256}, "run_cmd": ""},
+        "debug": False, "launcher": "frontend", "@type": "ClientNewJob",
+    }
+    msg.update(changes)
+    return msg
+
+
+def job_done_09(**changes: Any) -> dict:
+    msg = {
+        "job_id": str(uuid.uuid4()), "result": ("success", "Well done"), "grade": 100.0,
+        "problems": {"q1": ("success", "ok")}, "tests": {}, "custom": {"x": [1, 2]}, "state": "st",
+        "archive": b"\x1f\x8b" + bytes(3000), "stdout": "out", "stderr": "", "@type": "AgentJobDone",
+    }
+    msg.update(changes)
+    return msg
+
+
+def hello_09(**changes: Any) -> dict:
+    msg = {"friendly_name": "a", "available_job_slots": 1,
+           "available_environments": {"docker": {"default": {"id": "sha256:1", "created": 17}}},
+           "@type": "AgentHello"}
+    msg.update(changes)
+    return msg
+
+
+def ssh_09(**changes: Any) -> dict:
+    msg = {"job_id": "j", "host": "h", "port": 22, "user": "worker", "password": "p",
+           "@type": "AgentJobSSHDebug"}
+    msg.update(changes)
+    return msg
+
+
 @each_impl
 def test_big_containers(impl: Any) -> None:
     """array32 and map32 (65536 entries) inside pass-through values."""
@@ -367,24 +514,39 @@ def test_big_containers(impl: Any) -> None:
     check_client(impl, msg, pack(msg), b"\x01", minimal=True)
     agent = job_done(custom=[None] * 65536, tests={i: None for i in range(65536)})
     check_agent(impl, agent, pack(agent), minimal=True)
+    msg = new_job_09(task_problems={"a": list(range(65536)), "m": {str(i): i for i in range(65536)}})
+    check_client(impl, msg, pack(msg), b"\x01", minimal=True, dialect=V09)
+    agent = job_done_09(custom=[None] * 65536, tests={i: None for i in range(65536)})
+    check_agent(impl, agent, pack(agent), minimal=True, dialect=V09)
 
 
 @each_impl
 def test_job_started_and_job_key(impl: Any) -> None:
     for job_id in ("", str(uuid.uuid4()), "é" * 40, "x" * 300, "y" * 70_000):
-        frame = impl.job_started(job_id)
-        assert protocol.decode(frame) == {"type": "backend_job_started", "job_id": job_id}
-        reference = protocol.encode("backend_job_started", job_id=job_id)
-        assert protocol.decode(frame) == protocol.decode(reference)
+        for d in DIALECTS:
+            frame = impl.job_started(job_id, d.tag)
+            assert protocol.decode(frame) == {d.type_key: d.job_started_type, "job_id": job_id}
+            assert protocol.decode(frame) == protocol.decode(d.encode(d.job_started_type, job_id=job_id))
+            assert len(frame) == len(d.encode(d.job_started_type, job_id=job_id))  # shortest headers
+        assert impl.job_started(job_id) == impl.job_started(job_id, V05)
         for ident in (b"\x00", b"\x00k\x8bEg", bytes(range(255))):
             key = impl.job_key(ident, job_id)
+            assert key == impl.job_key(ident, job_id, V05)
             assert key == bytes((len(ident),)) + ident + job_id.encode("utf-8")
-            assert wire.split_key(key) == (ident, job_id) and wire.key_client(key) == ident
-    for ident in (b"", bytes(256)):
+            assert wire.key_client(key) == ident and wire.key_job_id(key) == job_id
+            assert wire.key_dialect(key) == V05
+            # 0.9 job ids are global: the identity is not part of the key.
+            key = impl.job_key(ident, job_id, V09)
+            assert key == b"\x00" + job_id.encode("utf-8")
+            assert wire.key_job_id(key) == job_id and wire.key_dialect(key) == V09
+        assert impl.job_key(None, job_id, V09) == b"\x00" + job_id.encode("utf-8")
+    for ident in (b"", bytes(256), None):
         assert outcome(impl.job_key, ident, "j") == ("error", "client identity must be 1..255 bytes")
-        assert outcome(impl.splice_new_job, pack(new_job()), ident) == (
-            "error", "client identity must be 1..255 bytes"
-        )
+    for ident in (b"", bytes(256)):
+        for dialect, frame in ((V05, pack(new_job())), (V09, pack(new_job_09()))):
+            assert outcome(impl.splice_new_job, frame, ident, dialect) == (
+                "error", "client identity must be 1..255 bytes"
+            )
 
 
 @each_impl
@@ -423,6 +585,7 @@ def hello(**changes: Any) -> dict:
 
 KILL = {"type": "client_kill_job", "job_id": "j1"}
 DONE = job_done()
+KILL_09 = {"job_id": "j1", "@type": "ClientKillJob"}
 
 CLIENT_BAD = [
     ("empty", b"", "truncated frame"),
@@ -591,15 +754,23 @@ def test_integers_in_every_encoding(impl: Any) -> None:
                 "error", "available_job_slots must be >= 0")
             agent = replace_value(hello(), "available_job_slots", raw)
             assert outcome(impl.scan_agent, agent) == expected, raw
+            agent = replace_value(hello_09(), "available_job_slots", raw)
+            assert outcome(impl.scan_agent, agent, V09) == expected, raw
+            # 0.9 priorities: any integer; beyond int64 served as the largest one.
+            frame = replace_value(new_job_09(), "priority", raw)
+            assert impl.scan_client(frame, V09)[3] == min(value, PRIORITY_MAX), raw
 
 
 @each_impl
 def test_near_miss_keys_and_types(impl: Any) -> None:
     """A key or type name one byte away from a real one (at any position) is unknown."""
-    for table, scan, example in (
-        (CLIENT_MESSAGES, impl.scan_client, KILL), (AGENT_MESSAGES, impl.scan_agent, DONE)
+    for table, scan, example, d in (
+        (CLIENT_MESSAGES, impl.scan_client, KILL, DIALECTS[V05]),
+        (AGENT_MESSAGES, impl.scan_agent, DONE, DIALECTS[V05]),
+        (v09.CLIENT_MESSAGES, impl.scan_client, KILL_09, DIALECTS[V09]),
+        (v09.AGENT_MESSAGES, impl.scan_agent, job_done_09(), DIALECTS[V09]),
     ):
-        names = {f for _code, fields in table.values() for f in fields} | {"type"}
+        names = {f for _code, fields in table.values() for f in fields} | {d.type_key}
         for name in sorted(names):
             for i in range(len(name)):
                 for other in ("_", "X", "\x80"):
@@ -607,19 +778,21 @@ def test_near_miss_keys_and_types(impl: Any) -> None:
                     if key in names:
                         continue
                     frame = with_entry(example, str_bytes(key.encode("utf-8")), b"\xc0")
-                    assert outcome(scan, frame)[0] == "error"
-                    assert outcome(scan, frame)[1].startswith("unexpected key "), key
+                    assert outcome(scan, frame, d.tag)[0] == "error"
+                    assert outcome(scan, frame, d.tag)[1].startswith("unexpected key "), key
         for msgtype in sorted(table):
             for i in range(len(msgtype)):
-                wrong = msgtype[:i] + "X" + msgtype[i + 1:]
-                assert outcome(scan, pack({"type": wrong})) == ("error", f"unknown message type {wrong!r}")
+                near = msgtype[:i] + "X" + msgtype[i + 1:]
+                assert outcome(scan, pack({d.type_key: near}), d.tag) == (
+                    "error", f"unknown message type {near!r}")
 
 
 @each_impl
 def test_frame_too_large(impl: Any) -> None:
     frame = bytes(MAX_FRAME_SIZE + 1)  # zero pages: never touched, the length is checked first
-    assert outcome(impl.scan_client, frame) == ("error", "frame too large")
-    assert outcome(impl.scan_agent, frame) == ("error", "frame too large")
+    for dialect in (V05, V09):
+        assert outcome(impl.scan_client, frame, dialect) == ("error", "frame too large")
+        assert outcome(impl.scan_agent, frame, dialect) == ("error", "frame too large")
 
 
 @each_impl
@@ -631,22 +804,303 @@ def test_wrong_message_for_splicer(impl: Any) -> None:
     assert outcome(impl.splice_ssh_debug, pack(DONE)) == ("error", "not an agent_job_ssh_debug")
     assert outcome(impl.splice_ssh_debug, pack({"type": "pong"})) == ("error", "not an agent_job_ssh_debug")
     assert outcome(impl.splice_new_job, pack(KILL), b"i") == ("error", "not a client_new_job")
+    assert outcome(impl.splice_job_done, pack(ssh_09()), V09) == ("error", "not an AgentJobDone")
+    assert outcome(impl.splice_ssh_debug, pack(job_done_09()), V09) == ("error", "not an AgentJobSSHDebug")
+    assert outcome(impl.splice_ssh_debug, pack({"@type": "Pong"}), V09) == (
+        "error", "not an AgentJobSSHDebug")
+    assert outcome(impl.splice_new_job, pack(KILL_09), b"i", V09) == ("error", "not a client_new_job")
+    assert outcome(impl.queue_fields, pack({"@type": "Ping"}), V09) == ("error", "not a client_new_job")
+    assert outcome(impl.submission_state, pack({"@type": "Ping"}), V09) == ("error", "not a client_new_job")
     assert outcome(impl.queue_fields, pack({"type": "ping"})) == ("error", "not a client_new_job")
 
 
 @each_impl
 def test_every_truncation_is_refused(impl: Any) -> None:
     """Every proper prefix of a valid frame is a truncated frame, never anything else."""
-    for frame, scan in (
-        (wide_pack(new_job(), random.Random(7)), impl.scan_client),
+    for frame, scan, dialect in (
+        (wide_pack(new_job(), random.Random(7)), impl.scan_client, V05),
         (pack(new_job(inputdata={"a": [1, 2.5, None, {"b": b"x" * 40}], "e": msgpack.ExtType(3, b"abcd")})),
-         impl.scan_client),
-        (pack(job_done()), impl.scan_agent),
-        (pack(hello(available_containers={"default": {"id": "sha256:1", "created": 17}})), impl.scan_agent),
+         impl.scan_client, V05),
+        (pack(job_done()), impl.scan_agent, V05),
+        (pack(hello(available_containers={"default": {"id": "sha256:1", "created": 17}})),
+         impl.scan_agent, V05),
+        (wide_pack(new_job_09(priority=-(2**63)), random.Random(7)), impl.scan_client, V09),
+        (pack(job_done_09()), impl.scan_agent, V09),
+        (pack(hello_09()), impl.scan_agent, V09),
     ):
-        scan(frame)
+        scan(frame, dialect)
         for cut in range(len(frame)):
-            assert outcome(scan, frame[:cut]) == ("error", "truncated frame"), cut
+            assert outcome(scan, frame[:cut], dialect) == ("error", "truncated frame"), cut
+
+
+# -- dialect 0.9 specifics ----------------------------------------------------------------
+
+CLIENT_BAD_09 = [
+    ("not a map", pack(["ClientHello"]), "not a map"),
+    ("@type int", pack({"@type": 2}), "@type must be a str"),
+    ("@type bin", pack({"@type": b"Ping"}), "@type must be a str"),
+    ("missing @type", pack({"job_id": "j"}), "missing key '@type'"),
+    ("0.5 type name", pack({"@type": "client_new_job"}), "unknown message type 'client_new_job'"),
+    ("agent type", pack({"@type": "Pong"}), "unknown message type 'Pong'"),
+    ("backend type", pack({"@type": "BackendJobStarted", "job_id": "j"}),
+     "unknown message type 'BackendJobStarted'"),
+    ("extra known key", pack({**KILL_09, "priority": 1}), "unexpected key 'priority' for ClientKillJob"),
+    ("0.5 field", pack(new_job_09(time_limit=30)), "unexpected key 'time_limit'"),
+    ("missing key", pack({k: v for k, v in new_job_09().items() if k != "environment_type"}),
+     "missing key 'environment_type' for ClientNewJob"),
+    ("missing priority", pack({k: v for k, v in new_job_09().items() if k != "priority"}),
+     "missing key 'priority' for ClientNewJob"),
+    ("duplicate @type", with_entry(KILL_09, pack("@type"), pack("ClientKillJob")), "duplicate key '@type'"),
+    ("priority float", pack(new_job_09(priority=1.0)), "priority must be an int"),
+    ("priority str", pack(new_job_09(priority="1")), "priority must be an int"),
+    ("priority nil", pack(new_job_09(priority=None)), "priority must be an int"),
+    ("environment_type nil", pack(new_job_09(environment_type=None)), "environment_type must be a str"),
+    ("environment_type bad utf-8", replace_value(new_job_09(), "environment_type", str_bytes(b"\xff")),
+     "environment_type is not valid UTF-8"),
+    ("job_id pair", pack({**KILL_09, "job_id": (b"i", "j")}), "job_id must be a str"),
+    ("truncated", pack(new_job_09())[:-1], "truncated frame"),
+    ("trailing bytes", pack(KILL_09) + b"\x00", "trailing bytes after message"),
+    ("too deep", replace_value(new_job_09(), "environment_parameters", nested(512)), "nesting too deep"),
+]
+
+
+@each_impl
+@pytest.mark.parametrize(
+    ("frame", "reason"), [c[1:] for c in CLIENT_BAD_09], ids=[c[0] for c in CLIENT_BAD_09])
+def test_bad_client_frames_09(impl: Any, frame: bytes, reason: str) -> None:
+    assert outcome(impl.scan_client, frame, V09) == ("error", reason)
+    assert outcome(impl.queue_fields, frame, V09) == ("error", reason)
+    assert outcome(impl.submission_state, frame, V09) == ("error", reason)
+    assert outcome(impl.splice_new_job, frame, b"\x00abc", V09) == ("error", reason)
+
+
+AGENT_BAD_09 = [
+    ("job_id pair", pack(job_done_09(job_id=(b"i", "j"))), "job_id must be a str"),
+    ("job_id bin", pack(job_done_09(job_id=b"j")), "job_id must be a str"),
+    ("job_id bad utf-8", replace_value(job_done_09(), "job_id", str_bytes(b"\xc0\x80")),
+     "job_id is not valid UTF-8"),
+    ("missing state", pack({k: v for k, v in job_done_09().items() if k != "state"}),
+     "missing key 'state' for AgentJobDone"),
+    ("ssh without user", pack({k: v for k, v in ssh_09().items() if k != "user"}),
+     "missing key 'user' for AgentJobSSHDebug"),
+    ("extra known key", pack(job_done_09(host="h")), "unexpected key 'host' for AgentJobDone"),
+    ("0.5 field", pack(hello_09(available_containers={})), "unexpected key 'available_containers'"),
+    ("slots negative", pack(hello_09(available_job_slots=-1)), "available_job_slots must be >= 0"),
+    ("environments list", pack(hello_09(available_environments=["docker"])),
+     "available_environments must be a map"),
+    ("client type", pack({"@type": "Ping"}), "unknown message type 'Ping'"),
+    ("0.5 type name", pack({"@type": "pong"}), "unknown message type 'pong'"),
+]
+
+
+@each_impl
+@pytest.mark.parametrize(
+    ("frame", "reason"), [c[1:] for c in AGENT_BAD_09], ids=[c[0] for c in AGENT_BAD_09])
+def test_bad_agent_frames_09(impl: Any, frame: bytes, reason: str) -> None:
+    assert outcome(impl.scan_agent, frame, V09) == ("error", reason)
+    assert outcome(impl.splice_job_done, frame, V09) == ("error", reason)
+    assert outcome(impl.splice_ssh_debug, frame, V09) == ("error", reason)
+
+
+def type_first(msg: dict, type_key: str) -> dict:
+    return {type_key: msg[type_key], **{k: v for k, v in msg.items() if k != type_key}}
+
+
+def type_last(msg: dict, type_key: str) -> dict:
+    return {**{k: v for k, v in msg.items() if k != type_key}, type_key: msg[type_key]}
+
+
+CLIENT_09 = [new_job_09(), KILL_09, {"name": "webapp", "@type": "ClientHello"}, {"@type": "ClientGetQueue"},
+             {"@type": "Ping"}]
+AGENT_09 = [job_done_09(), hello_09(), {"@type": "Pong"}]
+CLIENT_05 = [new_job(), KILL, {"type": "client_hello", "name": "webapp"}, {"type": "client_get_queue"},
+             {"type": "ping"}]
+AGENT_05 = [DONE, hello(), {"type": "pong"}]
+
+
+@each_impl
+@pytest.mark.parametrize("order", [type_last, type_first], ids=["type key last", "type key first"])
+def test_wrong_dialect(impl: Any, order: Any) -> None:
+    """A frame holding the other dialect's type key says which dialect it is in.
+
+    The real 0.9 peers write ``@type`` last, so a 0.9 frame read as 0.5 meets a field 0.5
+    does not declare first; the search for a foreign type key then finds it further on.
+    """
+    for msgs, scan, dialect, other in (
+        (CLIENT_09, impl.scan_client, V05, V09), (AGENT_09, impl.scan_agent, V05, V09),
+        (CLIENT_05, impl.scan_client, V09, V05), (AGENT_05, impl.scan_agent, V09, V05),
+    ):
+        for msg in msgs:
+            frame = pack(order(msg, DIALECTS[other].type_key))
+            if scan is impl.scan_agent and "job_id" in msg:
+                continue  # below: the job id's kind differs, and is checked first
+            assert outcome(scan, frame, dialect) == wrong(other), msg
+            assert scan(frame, other)[0] > 0  # and it is a good frame of its own dialect
+    for fn, args in (
+        (impl.queue_fields, (pack(new_job_09()), V05)),
+        (impl.splice_new_job, (pack(new_job_09()), b"i", V05)),
+        (impl.submission_state, (pack(type_first(new_job(), "type")), V09)),
+        (impl.splice_job_done, (pack(type_first(job_done_09(), "@type")), V05)),
+        (impl.splice_ssh_debug, (pack(type_first(ssh_09(), "@type")), V05)),
+        (impl.splice_job_done, (pack(type_first(DONE, "type")), V09)),
+    ):
+        assert outcome(fn, *args)[0] == "wrong dialect"
+
+
+@each_impl
+def test_job_id_kind_is_checked_before_the_type_key(impl: Any) -> None:
+    """An agent's job id is a pair in 0.5, a str in 0.9: read as the other dialect, a result
+    fails on it before the type key is reached (the broker then tries the other dialect)."""
+    for msg in (job_done_09(), ssh_09(), {"job_id": "j", "@type": "AgentJobStarted"}):
+        assert outcome(impl.scan_agent, pack(msg), V05) == ("error", "job_id must be [bin, str]")
+        assert outcome(impl.scan_agent, pack(type_first(msg, "@type")), V05) == wrong(V09)
+    for msg in (DONE, {"type": "agent_job_started", "job_id": (b"i", "j")}):
+        assert outcome(impl.scan_agent, pack(type_last(msg, "type")), V09) == (
+            "error", "job_id must be a str")
+        assert outcome(impl.scan_agent, pack(type_first(msg, "type")), V09) == wrong(V05)
+
+
+@each_impl
+def test_both_type_keys(impl: Any) -> None:
+    """A frame with both type keys is in the other dialect whichever it is read as."""
+    for frame in (
+        pack({"type": "ping", "@type": "Ping"}), pack({"@type": "Ping", "type": "ping"}),
+        pack({**KILL, "@type": "ClientKillJob"}), pack({**KILL_09, "type": "client_kill_job"}),
+    ):
+        assert outcome(impl.scan_client, frame, V05) == wrong(V09)
+        assert outcome(impl.scan_client, frame, V09) == wrong(V05)
+    frame = pack({"type": "pong", "@type": "Pong"})
+    assert outcome(impl.scan_agent, frame, V05) == wrong(V09)
+    assert outcome(impl.scan_agent, frame, V09) == wrong(V05)
+
+
+@each_impl
+def test_foreign_key_search_stops_at_bad_bytes(impl: Any) -> None:
+    """After an unknown key, a frame that does not read further is reported by that key."""
+    head = b"\x83" + pack("priority") + b"\x01"
+    for tail, reason in (
+        (b"", "unexpected key 'priority'"),  # truncated before the type key
+        (pack(1) + pack("x") + pack("@type") + pack("Ping"), "unexpected key 'priority'"),  # non-str key
+        (pack("x") + b"\xc1" + pack("@type") + pack("Ping"), "unexpected key 'priority'"),  # bad value
+    ):
+        assert outcome(impl.scan_client, head + tail, V05) == ("error", reason)
+    found = head + pack("x") + b"\xc0" + pack("@type") + pack("Ping")
+    assert outcome(impl.scan_client, found, V05) == wrong(V09)
+
+
+@each_impl
+def test_priority_and_environment_09(impl: Any) -> None:
+    for priority in (0, 1, -1, -(2**63), 2**63 - 1, 2**63, 2**64 - 1):
+        msg = new_job_09(priority=priority, environment_type="mcq", environment="default")
+        code, job_id, environment, got = impl.scan_client(pack(msg), V09)
+        assert (code, job_id, environment, got) == (
+            CLIENT_NEW_JOB, msg["job_id"], ("mcq", "default"), min(priority, PRIORITY_MAX))
+        check_client(impl, msg, pack(msg), b"i", minimal=True, dialect=V09)
+    assert impl.scan_client(pack(KILL_09), V09) == (protocol.CLIENT_KILL_JOB, "j1", None, 0)
+    assert impl.scan_client(pack(new_job()), V05)[2:] == ("default", 0)  # 0.5: a name, no priority
+
+
+TIME_CASES = [
+    ("int", {"limits": {"time": 30}}, 30),
+    ("float", {"limits": {"time": 2.9}}, 2),
+    ("str", {"limits": {"time": "30"}}, 30),
+    ("str float", {"limits": {"time": "3.5"}}, -1),
+    ("bool", {"limits": {"time": True}}, 1),
+    ("nil", {"limits": {"time": None}}, -1),
+    ("no time", {"limits": {"memory": 100}}, -1),
+    ("no limits", {}, -1),
+    ("limits list", {"limits": [30]}, -1),
+    ("not a dict", "limits", -1),
+    ("nil parameters", None, -1),
+    ("largest", {"limits": {"time": 2**64 - 1}}, 2**64 - 1),
+    ("smallest", {"limits": {"time": -(2**63)}}, -(2**63)),
+    ("huge float", {"limits": {"time": 1e30}}, -1),
+    ("huge str", {"limits": {"time": "9" * 30}}, -1),
+    ("below int64 str", {"limits": {"time": str(INT_MIN - 1)}}, -1),
+    ("beyond uint64 str", {"limits": {"time": str(INT_END)}}, -1),
+]
+
+
+@each_impl
+@pytest.mark.parametrize(
+    ("parameters", "expected"), [c[1:] for c in TIME_CASES], ids=[c[0] for c in TIME_CASES])
+def test_queue_fields_time_estimate(impl: Any, parameters: Any, expected: int) -> None:
+    msg = new_job_09(environment_parameters=parameters)
+    assert impl.queue_fields(pack(msg), V09) == (
+        msg["job_id"], msg["course_id"], msg["task_id"], msg["launcher"], expected)
+    assert expected == v09.time_estimate(parameters)
+
+
+@each_impl
+def test_values_msgpack_python_refuses(impl: Any) -> None:
+    """Well-formed msgpack that msgpack-python cannot decode (an ext -1 that is no
+    timestamp, a map as a map key): the estimate and the state fall back, nothing raises."""
+    for raw in (b"\xc7\x03\xff\x00\x00\x00", b"\x81\x80\xc0", b"\x81\x81\xa4time\x01\xc0"):
+        frame = replace_value(new_job_09(), "environment_parameters", raw)
+        assert impl.queue_fields(frame, V09)[4] == -1
+        frame = replace_value(new_job_09(), "inputdata", raw)
+        assert impl.submission_state(frame, V09) == ""
+
+
+STATE_CASES = [
+    ("str", {"@state": "abc", "q1": "x"}, "abc"),
+    ("dict", {"@state": {"step": [1, 2]}}, {"step": (1, 2)}),
+    ("nil", {"@state": None}, None),
+    ("no state", {"q1": "x"}, ""),
+    ("empty", {}, ""),
+    ("str input", "@state", ""),
+    ("list input", ["@state"], ""),
+    ("nil input", None, ""),
+]
+
+
+@each_impl
+@pytest.mark.parametrize(
+    ("inputdata", "expected"), [c[1:] for c in STATE_CASES], ids=[c[0] for c in STATE_CASES])
+def test_submission_state(impl: Any, inputdata: Any, expected: Any) -> None:
+    assert impl.submission_state(pack(new_job_09(inputdata=inputdata)), V09) == expected
+    assert impl.submission_state(pack(new_job_09(inputdata=inputdata))) == expected  # 0.9 is the default
+
+
+@each_impl
+def test_submission_state_is_09_only(impl: Any) -> None:
+    for frame in (pack(new_job()), b"garbage"):
+        assert outcome(impl.submission_state, frame, V05) == ("error", "only dialect 0.9 jobs carry a state")
+
+
+@each_impl
+def test_splices_09_as_the_real_peers_read_them(impl: Any) -> None:
+    """0.9 peers build ``cls(**fields)`` from the decoded map: exactly the dataclass's fields."""
+    msg = new_job_09()
+    out = peer_decode(impl.splice_new_job(pack(msg), b"ident", V09))
+    assert out.pop("@type") == "BackendNewJob"
+    assert tuple(out) == v09.BACKEND_MESSAGES["BackendNewJob"]
+    assert out == {k: protocol.decode(pack(v)) for k, v in msg.items() if k in out}
+    for agent, backend in ((job_done_09(), "BackendJobDone"), (ssh_09(), "BackendJobSSHDebug")):
+        fn = impl.splice_job_done if backend == "BackendJobDone" else impl.splice_ssh_debug
+        out = peer_decode(fn(pack(agent), V09))
+        assert out.pop("@type") == backend
+        assert tuple(out) == v09.BACKEND_MESSAGES[backend]
+
+
+@each_impl
+def test_nesting_limit_09(impl: Any) -> None:
+    ok = replace_value(new_job_09(), "environment_parameters", nested(511))
+    assert impl.scan_client(ok, V09)[0] == CLIENT_NEW_JOB
+    assert impl.queue_fields(ok, V09)[4] == -1
+    frame = pack(type_first(hello_09(available_environments={}), "@type"))  # the map last, {} = 0x80
+    assert impl.scan_agent(frame[:-1] + b"\x81\xc0" + nested(510), V09)[0] == AGENT_HELLO
+    assert outcome(impl.scan_agent, frame[:-1] + b"\x81\xc0" + nested(511), V09) == (
+        "error", "nesting too deep")
+
+
+@each_impl
+def test_bad_dialect_tag(impl: Any) -> None:
+    """A tag that names no dialect is a caller's bug: IndexError, never a scan with other tables."""
+    for fn, args in ((impl.scan_client, (pack(KILL),)), (impl.scan_agent, (pack(DONE),)),
+                     (impl.job_started, ("j",))):
+        with pytest.raises(IndexError):
+            fn(*args, len(DIALECTS))
 
 
 # -- the twins agree on anything --------------------------------------------------------
@@ -656,16 +1110,19 @@ if not NO_EXTENSIONS:
     IDENT = b"\x00k\x8bEg"
 
     def agree(frame: bytes) -> None:
-        """Both implementations give the same result or the same WireError reason, for every function."""
-        for name, args in (
-            ("scan_client", (frame,)),
-            ("queue_fields", (frame,)),
-            ("splice_new_job", (frame, IDENT)),
-            ("scan_agent", (frame,)),
-            ("splice_job_done", (frame,)),
-            ("splice_ssh_debug", (frame,)),
-        ):
-            assert outcome(getattr(C, name), *args) == outcome(getattr(PY, name), *args), name
+        """Both implementations give the same result, or the same WireError reason (and
+        WrongDialect dialect), for every function, reading the frame as either dialect."""
+        for dialect in (V05, V09):
+            for name, args in (
+                ("scan_client", (frame, dialect)),
+                ("queue_fields", (frame, dialect)),
+                ("submission_state", (frame, dialect)),
+                ("splice_new_job", (frame, IDENT, dialect)),
+                ("scan_agent", (frame, dialect)),
+                ("splice_job_done", (frame, dialect)),
+                ("splice_ssh_debug", (frame, dialect)),
+            ):
+                assert outcome(getattr(C, name), *args) == outcome(getattr(PY, name), *args), (name, dialect)
 
     @SETTINGS
     @given(st.binary(max_size=300))
@@ -678,12 +1135,19 @@ if not NO_EXTENSIONS:
         """Random bytes behind a map header, so the entry loop is reached."""
         agree(b"\x8b" + tail)
         agree(b"\x82\xa4type" + tail)
+        agree(b"\x82\xa5@type" + tail)
+        agree(b"\x8c\xa8priority\x01" + tail)  # an unknown key to 0.5: the foreign-key search
 
     ALL_KEYS = sorted(
-        {f for t in (CLIENT_MESSAGES, AGENT_MESSAGES) for _c, fields in t.values() for f in fields} | {"type"}
+        {f for d in DIALECTS for t in (d.client_messages, d.agent_messages) for _c, fields in t.values()
+         for f in fields} | {d.type_key for d in DIALECTS}
     )
-    ALL_TYPES = sorted(set(CLIENT_MESSAGES) | set(AGENT_MESSAGES) | set(protocol.BACKEND_MESSAGES))
-    any_typed = st.one_of(*CLIENT_TYPED.values(), *AGENT_TYPED.values())
+    ALL_TYPES = sorted(
+        {name for d in DIALECTS for t in (d.client_messages, d.agent_messages, d.backend_messages)
+         for name in t}
+    )
+    any_typed = st.one_of(*(s for typed in (CLIENT_TYPED, AGENT_TYPED, CLIENT_TYPED_09, AGENT_TYPED_09)
+                            for s in typed.values()))
 
     @SETTINGS
     @given(
@@ -693,13 +1157,14 @@ if not NO_EXTENSIONS:
     )
     def test_twins_agree_on_near_messages(fields: dict, msgtype: Any, rnd: Any) -> None:
         """Maps of known keys with values of any kind: the key-set and typed-field checks."""
-        fields = {**fields, "type": msgtype} if rnd.random() < 0.9 else fields
+        if rnd.random() < 0.9:
+            fields = {**fields, rnd.choice([d.type_key for d in DIALECTS]): msgtype}
         agree(pack(fields))
         agree(wide_pack(fields, rnd))
 
     @SETTINGS
     @given(
-        client_messages | agent_messages,
+        st.one_of(*CLIENT_STRATEGIES.values(), *AGENT_STRATEGIES.values()),
         st.randoms(use_true_random=False),
         st.lists(st.tuples(st.integers(0, 2**31), st.integers(0, 255), st.sampled_from("set insert delete")),
                  min_size=1, max_size=4),
@@ -737,8 +1202,13 @@ if not NO_EXTENSIONS:
         agent = replace_value(DONE, "job_id", b"\x92" + pack(b"i") + str_bytes(raw, 2))
         agree(agent)
 
-    def test_twins_agree_on_every_truncation_and_byte_flip() -> None:
-        frame = pack(new_job(inputdata={"a": [1, -2, 2.5], "b": msgpack.ExtType(1, b"xy")}))
+    @pytest.mark.parametrize("frame", [
+        pack(new_job(inputdata={"a": [1, -2, 2.5], "b": msgpack.ExtType(1, b"xy")})),
+        pack(new_job_09(inputdata={"@state": "s", "b": msgpack.ExtType(1, b"xy")}, task_problems={},
+                        environment_parameters={"limits": {"time": "30"}})),
+        pack(job_done_09(archive=b"zz")),
+    ], ids=["client_new_job", "ClientNewJob", "AgentJobDone"])
+    def test_twins_agree_on_every_truncation_and_byte_flip(frame: bytes) -> None:
         for cut in range(len(frame) + 1):
             agree(frame[:cut])
         for i in range(len(frame)):
