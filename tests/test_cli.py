@@ -11,6 +11,7 @@ import sys
 import pytest
 from peers.broker import CONFIGS, LOG_LINE, REPO_ROOT, BrokerProcess, free_tcp_address
 from peers.raw import RawClient, assert_serving
+from peers.raw09 import assert_serving_09
 
 
 def _run(args: list[str], timeout: float = 10, **env: str) -> subprocess.CompletedProcess[str]:
@@ -155,3 +156,35 @@ def test_a_broken_build_cannot_pass_for_the_compiled_broker(tmp_path):
     finally:
         if broker.proc is not None:
             broker.stop()
+
+
+# -- dialects ----------------------------------------------------------------------------------
+def test_serve_help_names_the_dialect_option():
+    done = _run([sys.executable, "-m", "fastbackend", "serve", "--help"])
+    assert done.returncode == 0, done.stderr
+    assert "--dialect" in done.stdout and "0.5" in done.stdout and "0.9" in done.stdout
+
+
+def test_unknown_dialect_is_a_usage_error():
+    done = _run([sys.executable, "-m", "fastbackend", "serve", free_tcp_address(), free_tcp_address(),
+                 "--dialect", "0.7"])
+    assert done.returncode == 2
+    assert "usage" in done.stderr.lower() and "dialect" in done.stderr.lower()
+
+
+@pytest.mark.parametrize("dialect", [None, "0.5", "0.9"], ids=["auto", "pin-0.5", "pin-0.9"])
+@pytest.mark.parametrize("name", ["c-uvloop", "py-asyncio"])
+def test_serve_each_dialect_and_exit_cleanly(tmp_path, zctx, name, dialect):
+    """With no flag both dialects are served; a pinned dialect is served (the other is the
+    subject of tests/test_mixed_dialects.py)."""
+    extra = ("--dialect", dialect) if dialect else ()
+    broker = _broker(tmp_path, name, extra_args=extra)
+    broker.start_on_free_ports()
+    try:
+        if dialect in (None, "0.5"):
+            assert_serving(zctx, broker.agent_addr, broker.client_addr)
+        if dialect in (None, "0.9"):
+            assert_serving_09(zctx, broker.agent_addr, broker.client_addr)
+    finally:
+        code = broker.stop()
+    broker.check_clean_exit(code)

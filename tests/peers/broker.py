@@ -162,8 +162,9 @@ class BrokerProcess:
         """Fail unless the broker runs the implementation asked for (a broken build must not
         pass for the compiled one): its start line names its core, and no compiled module
         was replaced by its pure-Python twin."""
-        (started,) = self.wait_log("INFO", "fastbackend started", timeout=5)[-1:]
-        assert f"({self.config.impl} core)" in started, started
+        # "fastbackend [version] started (<impl> core, ...)": the first line it logs.
+        (started,) = self.wait_log("INFO", " started (", timeout=5)[-1:]
+        assert "fastbackend" in started and f"({self.config.impl} core" in started, started
         if self.config.impl == "c":
             assert "pure-python" not in self.log().lower(), self.log()
 
