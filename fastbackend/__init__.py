@@ -5,7 +5,7 @@ replaces ``inginious.backend.backend.Backend``; ``fastbackend serve`` replaces t
 ``inginious-backend`` script.
 """
 
+from ._version import __version__
 from .server import Backend
 
 __all__ = ["Backend", "__version__"]
-__version__ = "0.1.0"

@@ -17,14 +17,25 @@ is followed by a drain.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
+import sys
+from collections.abc import Callable, Iterable
 
 import zmq
 
-from .broker import Broker
+from ._version import __version__
+from .allowlist import Network, ZapHandler, parse_allowlist
+from .broker import IMPL, Broker
 from .protocol import BY_NAME, MAX_FRAME_SIZE
 
 logger = logging.getLogger("fastbackend.server")
+
+#: What a bind error message says the address should look like.
+ADDRESS_FORMS = ("tcp://HOST:PORT (HOST an IPv4 address, [IPv6] address, interface name or *; "
+                 "PORT a number, or * for any free port), ipc:///PATH or inproc://NAME")
+#: Where the stock backend logs; in embedded mode fastbackend's lines go there too.
+INGINIOUS_LOGGER = "inginious.backend"
 
 #: Messages handled per socket before the loop gets control back.
 BATCH = 256
@@ -34,7 +45,63 @@ HEARTBEAT_PERIOD = 1.0
 SUMMARY_PERIOD = 30.0
 
 
-def make_router(context: zmq.Context, address: str) -> zmq.Socket:
+def build_kind() -> str:
+    """``"release"`` or ``"debug"`` for the compiled core (``FB_DEBUG`` at build time), ``""`` for py."""
+    if IMPL != "c":
+        return ""
+    for module in ("fastbackend._broker_c", "fastbackend._sched_c"):
+        debug = getattr(importlib.import_module(module), "DEBUG", None)
+        if debug is not None:
+            return "debug" if debug else "release"
+    return "unknown"
+
+
+def endpoint_text(endpoint: str) -> str:
+    """A bound endpoint as an operator reads it: an IPv4-mapped IPv6 host as plain IPv4."""
+    prefix = "tcp://[::ffff:"
+    if endpoint.startswith(prefix) and "]:" in endpoint:
+        host, _, port = endpoint[len(prefix):].partition("]:")
+        if host.count(".") == 3:
+            return f"tcp://{host}:{port}"
+    return endpoint
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    module = type(loop).__module__.split(".", 1)[0]
+    return "uvloop" if module == "uvloop" else "asyncio"
+
+
+class _ToInginious(logging.Handler):
+    """Hands fastbackend's records to ``inginious.backend``, renamed so, as the stock backend's are:
+    in the webapp's local mode they reach the handlers INGInious configured, in its format."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        target = logging.getLogger(INGINIOUS_LOGGER)
+        if target.isEnabledFor(record.levelno):
+            copy = logging.makeLogRecord(record.__dict__)
+            copy.name = INGINIOUS_LOGGER
+            target.handle(copy)
+
+
+def log_like_inginious() -> bool:
+    """In embedded mode, log where INGInious operators look; True if it was set up here.
+
+    Done when the application configured the ``inginious`` logger (the webapp's
+    ``init_logging`` does) and nobody configured ``fastbackend``'s: its records then go to
+    ``inginious.backend`` (and not also to the root logger), at that logger's level.
+    """
+    ours = logging.getLogger("fastbackend")
+    theirs = logging.getLogger("inginious")
+    if ours.handlers or not theirs.handlers:
+        return False
+    ours.addHandler(_ToInginious())
+    ours.setLevel(logging.getLogger(INGINIOUS_LOGGER).getEffectiveLevel())
+    ours.propagate = False
+    return True
+
+
+def make_router(context: zmq.Context, address: str, role: str = "",
+                zap_domain: bytes | None = None) -> zmq.Socket:
     """A ROUTER socket set up so that it never drops a frame silently.
 
     ROUTER drops frames for a peer whose pipe is full (send high-water mark, 1000 by
@@ -42,6 +109,9 @@ def make_router(context: zmq.Context, address: str) -> zmq.Socket:
     libzmq until it reads them; with ROUTER_MANDATORY, a frame for a peer that is gone
     fails with EHOSTUNREACH, which the broker logs.  A frame over ``MAX_FRAME_SIZE``
     is refused by libzmq itself, before it is buffered.
+
+    ``zap_domain`` makes every connection ask the ZAP handler (the allowlist) first;
+    ``role`` ("agent", "client") names the address in a bind error.
     """
     socket = context.socket(zmq.ROUTER)
     socket.ipv6 = True
@@ -50,8 +120,17 @@ def make_router(context: zmq.Context, address: str) -> zmq.Socket:
     socket.setsockopt(zmq.LINGER, 1000)
     # libzmq disconnects a peer that announces a larger frame before buffering it.
     socket.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_SIZE)
+    if zap_domain is not None:
+        socket.setsockopt(zmq.ZAP_DOMAIN, zap_domain)
+        # Without a handler, refuse (libzmq would otherwise let NULL connections in).
+        socket.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
     try:
         socket.bind(address)
+    except zmq.ZMQError as exc:
+        socket.close(0)
+        what = f"the {role} address" if role else "address"
+        raise zmq.ZMQError(exc.errno, f"cannot bind {what} {address!r}: {exc.strerror}; "
+                                      f"expected {ADDRESS_FORMS}") from None
     except BaseException:
         # An unclosed socket would block the context's termination forever.
         socket.close(0)
@@ -70,12 +149,34 @@ class Backend:
 
     ``dialect`` is None to serve each peer in the dialect of its frames (INGInious 0.5
     and 0.7-0.9.2 side by side), or ``"0.5"`` / ``"0.9"`` to serve that one only.
+
+    ``allow_agents`` / ``allow_clients``: CIDR networks (``"10.0.0.0/8,::1"`` or a list)
+    allowed to connect to that socket (tcp addresses only); None allows everyone, as stock.
+    Refused connections are counted in ``refused``.
+
+    In embedded mode, if the application configured the ``inginious`` logger and not
+    ``fastbackend``'s, fastbackend logs under ``inginious.backend`` as the stock backend
+    does (``log_like_inginious``).
     """
 
     def __init__(self, context: zmq.Context, agent_addr: str, client_addr: str,
-                 dialect: str | None = None) -> None:
+                 dialect: str | None = None, *, allow_agents: str | Iterable[str] | None = None,
+                 allow_clients: str | Iterable[str] | None = None,
+                 summary_period: float = SUMMARY_PERIOD) -> None:
         if dialect is not None and dialect not in BY_NAME:
             raise ValueError(f"dialect must be one of {', '.join(BY_NAME)} or None, not {dialect!r}")
+        self._allow: dict[str, tuple[Network, ...]] = {}
+        for side, address, allow in (("agent", agent_addr, allow_agents),
+                                     ("client", client_addr, allow_clients)):
+            if allow is None:
+                continue
+            self._allow[side] = parse_allowlist(allow, f"--allow-{side}s")
+            if not address.startswith("tcp://"):
+                raise ValueError(f"--allow-{side}s filters IP addresses: the {side} address must be "
+                                 f"tcp://HOST:PORT, not {address!r}")
+        #: Connections refused by the allowlists so far, per socket.
+        self.refused: dict[str, int] = {"agent": 0, "client": 0}
+        self._summary_period = summary_period
         self._dialect = dialect
         self._context = zmq.Context.shadow(context.underlying)
         self._agent_addr = agent_addr
@@ -85,27 +186,58 @@ class Backend:
         self._pump_handle: asyncio.Handle | None = None
         self._timers: list[asyncio.TimerHandle] = []
         self._next_beat = 0.0
+        self._idle_done = 0
+        #: The addresses really bound (``tcp://…:*`` resolved to its port), once running.
+        self.agent_endpoint: str | None = None
+        self.client_endpoint: str | None = None
+        log_like_inginious()
+
+    def _count_refused(self, side: str) -> Callable[[str], None]:
+        def count(_address: str) -> None:
+            self.refused[side] += 1
+        return count
 
     async def run(self) -> None:
         """Serve until cancelled; sockets are closed on the way out."""
         self._loop = asyncio.get_running_loop()
-        agent_socket = make_router(self._context, self._agent_addr)
+        zap = ZapHandler.acquire(self._context) if self._allow else None
+        domains = {side: zap.add_domain(networks, side, self._count_refused(side))
+                   for side, networks in self._allow.items()} if zap else {}
         try:
-            client_socket = make_router(self._context, self._client_addr)
+            await self._serve(domains)
+        finally:
+            if zap is not None:
+                for domain in domains.values():
+                    zap.remove_domain(domain)
+                zap.release()
+
+    async def _serve(self, domains: dict[str, bytes]) -> None:
+        agent_socket = make_router(self._context, self._agent_addr, "agent", domains.get("agent"))
+        try:
+            client_socket = make_router(self._context, self._client_addr, "client", domains.get("client"))
         except BaseException:
             agent_socket.close(0)
             raise
         self.broker = Broker(agent_socket, client_socket,
                              None if self._dialect is None else BY_NAME[self._dialect].tag)
-        logger.info("fastbackend started (%s core, dialect %s): agents on %s, clients on %s",
-                    self.broker.IMPL, self._dialect or " and ".join(BY_NAME), self._agent_addr,
-                    self._client_addr)
+        self.agent_endpoint = endpoint_text(agent_socket.getsockopt_string(zmq.LAST_ENDPOINT))
+        self.client_endpoint = endpoint_text(client_socket.getsockopt_string(zmq.LAST_ENDPOINT))
+        allow = "; ".join(f"{side}s allowed from {', '.join(map(str, networks))}"
+                          for side, networks in self._allow.items())
+        # "fastbackend started (c core)" is what the test fixtures look for: keep it first.
+        logger.info("fastbackend started (%s core): version %s%s, loop %s, dialect %s, "
+                    "Python %d.%d, pyzmq %s, libzmq %s; agents on %s, clients on %s%s",
+                    self.broker.IMPL, __version__,
+                    f", {build_kind()} build" if self.broker.IMPL == "c" else "", loop_name(self._loop),
+                    self._dialect or " and ".join(BY_NAME), *sys.version_info[:2], zmq.pyzmq_version(),
+                    zmq.zmq_version(), self.agent_endpoint, self.client_endpoint,
+                    f"; {allow}" if allow else "")
         fds = [agent_socket.getsockopt(zmq.FD), client_socket.getsockopt(zmq.FD)]
         for fd in fds:
             self._loop.add_reader(fd, self._pump)
         self._next_beat = self._loop.time() + HEARTBEAT_PERIOD
         self._timers = [self._loop.call_at(self._next_beat, self._heartbeat),
-                        self._loop.call_later(SUMMARY_PERIOD, self._summary)]
+                        self._loop.call_later(self._summary_period, self._summary)]
         self._pump()  # messages may have arrived before the readers were added
         try:
             await self._loop.create_future()
@@ -144,5 +276,16 @@ class Backend:
         self._pump()
 
     def _summary(self) -> None:
-        self._timers[1] = self._loop.call_later(SUMMARY_PERIOD, self._summary)
-        self.broker.summary()
+        self._timers[1] = self._loop.call_later(self._summary_period, self._summary)
+        broker = self.broker
+        # Broker.summary() logs only a period in which something happened; an idle
+        # broker still says it is alive, so that an operator can tell idle from hung.
+        idle = (broker.jobs_done == self._idle_done and not broker.sched.waiting_count()
+                and not broker.sched.running_count())
+        self._idle_done = broker.jobs_done
+        broker.summary()
+        if idle:
+            refused = (f"; refused {self.refused['agent']} agent and {self.refused['client']} client "
+                       "connections so far" if self._allow else "")
+            logger.info("alive, idle: %d agents, %d clients; %d frames dropped so far%s",
+                        len(broker.agents), len(broker.clients), broker.frames_dropped, refused)
