@@ -116,6 +116,7 @@ class Scheduler:
 
         self._clock = 0
         self._waiting = 0
+        self._waiting_prioritised = 0  # waiting jobs whose priority is not 0
         self._running = 0
         self._work = 0
 
@@ -207,7 +208,8 @@ class Scheduler:
         Lower ``priority`` values start first; it must fit a signed 64-bit int.
         """
         env = self._env(env)
-        priority = operator.index(priority)
+        if type(priority) is not int:  # (the common case skips the call)
+            priority = operator.index(priority)
         if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
             raise ValueError(f"priority {priority} does not fit 64 bits")
         if self._free_jobs:
@@ -241,6 +243,8 @@ class Scheduler:
         else:
             self._heap_push(heap, job)
         self._waiting += 1
+        if priority:
+            self._waiting_prioritised += 1
         return job, -1
 
     def finish(self, job: int) -> int:
@@ -398,6 +402,10 @@ class Scheduler:
                 )
                 _require(job in self._agent_jobs[agent], f"job {job}: not in its agent's list")
         _require(waiting == self._waiting, "waiting count is wrong")
+        prioritised = sum(
+            1 for job in range(n_jobs) if self._job_state[job] == JOB_WAITING and self._job_priority[job]
+        )
+        _require(prioritised == self._waiting_prioritised, "count of waiting jobs with a priority is wrong")
         _require(running == self._running, "running count is wrong")
 
         queued = 0
@@ -495,12 +503,37 @@ class Scheduler:
     def _best_waiting(self, agent: int) -> int:
         """The best waiting job among the agent's environments; -1 if none waits."""
         best = -1
+        best_priority = best_stamp = 0
         envs = self._agent_envs[agent]
         self._work += len(envs)
+        # This loop runs for every finish, so keys are compared without building tuples.
+        runs, stamps = self._env_run, self._job_stamp
+        if not self._waiting_prioritised:
+            # Every waiting job has priority 0 (always so in the 0.5 dialect): no heap
+            # holds anything, and the oldest run head wins.
+            for env in envs:
+                run = runs[env]
+                if run:
+                    job = next(iter(run))
+                    if best < 0 or stamps[job] < best_stamp:
+                        best, best_stamp = job, stamps[job]
+            return best
+        heaps, priorities = self._env_heap, self._job_priority
         for env in envs:
-            job = self._best_in_env(env)
-            if job >= 0 and (best < 0 or self._key(job) < self._key(best)):
-                best = job
+            run = runs[env]
+            if heaps[env]:
+                job = self._best_in_env(env)
+            elif run:
+                job = next(iter(run))
+            else:
+                continue
+            priority = priorities[job]
+            if (
+                best < 0
+                or priority < best_priority
+                or (priority == best_priority and stamps[job] < best_stamp)
+            ):
+                best, best_priority, best_stamp = job, priority, stamps[job]
         return best
 
     def _unqueue(self, job: int) -> None:
@@ -511,6 +544,8 @@ class Scheduler:
         else:
             self._heap_remove(self._env_heap[env], job)
         self._waiting -= 1
+        if self._job_priority[job]:
+            self._waiting_prioritised -= 1
 
     # The heap keeps each job's position in _job_heap_pos, so that cancel can remove any
     # job in O(log n) (heapq cannot: it would leave the job behind, or scan for it).
