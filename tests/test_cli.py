@@ -188,3 +188,43 @@ def test_serve_each_dialect_and_exit_cleanly(tmp_path, zctx, name, dialect):
     finally:
         code = broker.stop()
     broker.check_clean_exit(code)
+
+
+# -- operator details (issue 7) -----------------------------------------------------------------
+
+def test_version():
+    from fastbackend import __version__
+
+    done = _run([sys.executable, "-m", "fastbackend", "--version"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"fastbackend {__version__} (") and "core" in done.stdout
+
+
+def test_no_command_prints_the_help_and_is_a_usage_error():
+    done = _run([sys.executable, "-m", "fastbackend"])
+    assert done.returncode == 2
+    for word in ("serve", "status", "--version"):
+        assert word in done.stderr
+
+
+def test_bad_address_names_the_socket_and_the_expected_form():
+    done = _run([sys.executable, "-m", "fastbackend", "serve", free_tcp_address(), "tcp://127.0.0.1"])
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    (line,) = [line for line in done.stderr.splitlines() if " - ERROR - " in line]
+    assert "the client address 'tcp://127.0.0.1'" in line and "tcp://HOST:PORT" in line, line
+
+
+def test_start_line_says_version_core_loop_and_the_bound_port(tmp_path, zctx):
+    from fastbackend import __version__
+
+    broker = _broker(tmp_path, agent_addr="tcp://127.0.0.1:*", client_addr=free_tcp_address())
+    broker.start()
+    try:
+        (line,) = broker.log_lines("INFO", "fastbackend started")
+        assert f"version {__version__}" in line and "(c core)" in line and "loop uvloop" in line
+        assert " build" in line and "agents on tcp://127.0.0.1:*" not in line
+        agent_addr = re.search(r"agents on (tcp://127\.0\.0\.1:\d+),", line)[1]
+        assert_serving(zctx, agent_addr, broker.client_addr)
+    finally:
+        code = broker.stop()
+    broker.check_clean_exit(code)
