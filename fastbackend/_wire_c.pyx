@@ -297,6 +297,11 @@ cdef int _bad_dialect(int dialect) except -1:
     raise IndexError(f"no dialect has the tag {dialect}")
 
 
+cdef int _fail_type_key(const Side* side, bint missing) except -1:
+    """The type key is missing, or its value is no str (the reason names the side's type key)."""
+    raise WireError((_MISSING_TYPE if missing else _TYPE_NOT_STR)[side.dialect])
+
+
 cdef int _fail_shown(str fmt, const uchar* p, Py_ssize_t n) except -1:
     raise WireError(fmt.format(_show((<const char*>p)[:n])))
 
@@ -734,7 +739,7 @@ cdef int _scan(const Side* side, const char* frame, Py_ssize_t n, Scan* out) exc
         val_start = pos
         if gid == TYPE_GID:
             if not _read_str(buf, pos, n, &type_start, &type_len):
-                return _fail(_TYPE_NOT_STR[side.dialect])
+                return _fail_type_key(side, False)
             pos = type_start + type_len
         else:
             f = &side.fields[gid]
@@ -780,7 +785,7 @@ cdef int _scan(const Side* side, const char* frame, Py_ssize_t n, Scan* out) exc
         return _fail("trailing bytes after message")
 
     if type_start < 0:
-        return _fail(_MISSING_TYPE[side.dialect])
+        return _fail_type_key(side, True)
     td = _lookup_type(side, buf + type_start, type_len)
     if td == NULL:
         return _fail_shown("unknown message type {}", buf + type_start, type_len)
@@ -879,20 +884,43 @@ cdef inline char* _copy(char* o, const char* buf, Py_ssize_t start, Py_ssize_t e
 
 
 
+cdef inline char* _put_type_name(char* o, const char* name, Py_ssize_t length) noexcept:
+    """_put_str for the out type name; a fixstr (every name the dialects have) without a
+    call to memcpy: two overlapping fixed-size moves cover any length from 4 to 32."""
+    if length >= 32 or length < 4:
+        return _put_str(o, name, length)
+    o[0] = <char>(0xA0 | length)
+    o += 1
+    if length >= 16:
+        memcpy(o, name, 16)
+        memcpy(o + length - 16, name + length - 16, 16)
+    elif length >= 8:
+        memcpy(o, name, 8)
+        memcpy(o + length - 8, name + length - 8, 8)
+    else:
+        memcpy(o, name, 4)
+        memcpy(o + length - 4, name + length - 4, 4)
+    return o + length
+
+
 cdef inline Py_ssize_t _splice_size(const Scan* s, const SpliceRule* rule, Py_ssize_t ident_len) noexcept:
     """Length of the frame _splice_write makes from a scan by a rule."""
-    cdef Py_ssize_t size = _map_header_size(s.nfields - rule.ndrop)
+    # The rule in locals: loads through the pointers could not be hoisted out of the loop.
+    cdef uint32_t drop = rule.drop
+    cdef int mode = rule.job_id, nfields = s.nfields
+    cdef Py_ssize_t type_value = _str_header_size(rule.out_type_len) + rule.out_type_len
+    cdef Py_ssize_t size = _map_header_size(nfields - rule.ndrop)
     cdef int i, field
-    for i in range(s.nfields):
+    for i in range(nfields):
         field = s.field[i]
         if field == TYPE_GID:
-            size += (s.val_start[i] - s.key_start[i]) + _str_header_size(rule.out_type_len) + rule.out_type_len
-        elif field == 0 and rule.job_id != JOB_ID_KEEP:  # job_id: field 0 of every spliced message
-            if rule.job_id == JOB_ID_PAIR:
+            size += (s.val_start[i] - s.key_start[i]) + type_value
+        elif field == 0 and mode != JOB_ID_KEEP:  # job_id: field 0 of every spliced message
+            if mode == JOB_ID_PAIR:
                 size += s.val_end[i] - s.key_start[i] + 1 + _bin_header_size(ident_len) + ident_len
             else:
                 size += (s.val_start[i] - s.key_start[i]) + _str_header_size(s.job_id_len) + s.job_id_len
-        elif not ((rule.drop >> field) & 1):
+        elif not ((drop >> field) & 1):
             size += s.val_end[i] - s.key_start[i]
     return size
 
@@ -905,30 +933,36 @@ cdef inline Py_ssize_t _splice_write(char* out, const char* buf, const Scan* s, 
     Entries are contiguous in the frame, so the untouched ones between two changed
     entries go out in one memcpy; `run` is where the pending span starts.
     """
-    cdef char* o = _put_map_header(out, s.nfields - rule.ndrop)
-    cdef Py_ssize_t run = s.key_start[0] if s.nfields else 0
+    # The rule and the scan's counts in locals: every write through `o` might alias
+    # them as far as the compiler knows, and would otherwise reload them.
+    cdef const char* out_type = rule.out_type
+    cdef Py_ssize_t out_type_len = rule.out_type_len
+    cdef uint32_t drop = rule.drop
+    cdef int mode = rule.job_id, nfields = s.nfields
+    cdef char* o = _put_map_header(out, nfields - rule.ndrop)
+    cdef Py_ssize_t run = s.key_start[0] if nfields else 0
     cdef int i, field
-    for i in range(s.nfields):
+    for i in range(nfields):
         field = s.field[i]
         if field == TYPE_GID:
             o = _copy(o, buf, run, s.val_start[i])  # the span and this key
-            o = _put_str(o, rule.out_type, rule.out_type_len)
-        elif field == 0 and rule.job_id != JOB_ID_KEEP:
+            o = _put_type_name(o, out_type, out_type_len)
+        elif field == 0 and mode != JOB_ID_KEEP:
             o = _copy(o, buf, run, s.val_start[i])
-            if rule.job_id == JOB_ID_PAIR:
+            if mode == JOB_ID_PAIR:
                 o[0] = <char>0x92
                 o = _put_bin(o + 1, ident, ident_len)
                 # The client's job id keeps its own encoding, header included.
                 o = _copy(o, buf, s.val_start[i], s.val_end[i])
             else:
                 o = _put_str(o, s.job_id, s.job_id_len)
-        elif (rule.drop >> field) & 1:
+        elif (drop >> field) & 1:
             o = _copy(o, buf, run, s.key_start[i])
         else:
             continue
         run = s.val_end[i]
-    if s.nfields:
-        o = _copy(o, buf, run, s.val_end[s.nfields - 1])
+    if nfields:
+        o = _copy(o, buf, run, s.val_end[nfields - 1])
     return o - out
 
 
