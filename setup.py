@@ -5,9 +5,15 @@ Build switches are read once, here, from the environment:
 * ``FASTBACKEND_DEBUG=1``   compile the invariant checks in (``FB_DEBUG``), as CI does;
 * ``FASTBACKEND_NO_EXTENSIONS=1``  build nothing: the pure-Python twins are used;
 * ``FASTBACKEND_EXTS=_wire_c,_sched_c``  (development) build only the named modules.
+
+Packaging: the version is ``fastbackend/_version.py`` (pyproject reads it); MANIFEST.in
+puts the Cython sources in the sdist, and neither the sdist nor the wheels carry the
+generated C.  ``FASTBACKEND_NO_EXTENSIONS=1 pip wheel --no-deps .`` builds the
+pure-Python wheel (``py3-none-any``).
 """
 
 import os
+import sys
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -26,8 +32,15 @@ DIRECTIVES = {
 }
 
 
+#: Commands that only describe or pack the sources: they need no generated C.
+METADATA_ONLY = {"sdist", "egg_info", "dist_info", "--version", "--name"}
+
+
 def extensions():
     if NO_EXTENSIONS:
+        return []
+    commands = {arg for arg in sys.argv[1:] if not arg.startswith("-") or arg in METADATA_ONLY}
+    if commands and commands <= METADATA_ONLY:
         return []
     from Cython.Build import cythonize
 
