@@ -237,15 +237,17 @@ class StatusClient:
             why = "no connection could be made (nothing listening there, or unreachable)"
         else:
             why = "connected, but it did not answer"
-        return StatusError(f"no backend answered {what} at {self.address} within {seconds:g} s: {why}")
+        return StatusError(f"no backend answered {what} at {self.address} within {seconds:.1f} s: {why}")
 
     # -- protocol ---------------------------------------------------------------------------
     def hello(self) -> str:
         """Say hello (auto: 0.9, then 0.5) and wait for the environment list; return the dialect."""
         start = time.monotonic()
-        tried = [self.dialect] if self.dialect else list(AUTO_ORDER)
-        for position, dialect in enumerate(tried):
-            last = position == len(tried) - 1
+        order = [self.dialect] if self.dialect else list(AUTO_ORDER)
+        tried = []
+        for position, dialect in enumerate(order):
+            tried.append(dialect)
+            last = position == len(order) - 1
             wait = self.timeout if last else min(PROBE_SECONDS, self.timeout)
             self._send(dialect, "hello")
             if self._wait_for(dialect, "environments", time.monotonic() + wait) is not None:
