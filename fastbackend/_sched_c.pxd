@@ -89,19 +89,13 @@ cdef class Scheduler:
 
     # The broker's fast path.  Arguments out of range or naming a free job / dead
     # agent raise ValueError.
-    #
-    # (c_submit_0 is the previous c_submit, a priority-0 submit.  It stays FIRST, and the
-    # five after it keep their places, because a module built against the previous .pxd
-    # calls these through the vtable by position: a _broker_c not yet rebuilt keeps
-    # working.  Drop it once _broker_c calls c_submit with a priority.)
-    cdef int c_submit_0(self, int env, int* agent) except -1    # c_submit(env, 0, agent)
+    # The new job; *agent = -1 if it waits.  Any int64_t priority is valid.
+    cdef int c_submit(self, int env, int64_t priority, int* agent) except -1
     cdef int c_finish(self, int job) except -2                  # the job started in its slot, or -1
     cdef int c_next_job(self, int agent) except -2              # the job started, or -1
     cdef int c_cancel(self, int job) except -1
     cdef int c_job_state(self, int job) noexcept                # JOB_FREE when out of range
     cdef int c_job_agent(self, int job) noexcept                # -1 unless running
-    # The new job; *agent = -1 if it waits.  Any int64_t priority is valid.
-    cdef int c_submit(self, int env, int64_t priority, int* agent) except -1
 
     # Internals.
     cdef int _valid_job(self, int job, int state) except -1

@@ -299,9 +299,6 @@ cdef class Scheduler:
         """Remove a waiting job (killed by its client) and free it."""
         self.c_cancel(_arg(job))
 
-    cdef int c_submit_0(self, int env, int* agent) except -1:
-        return self.c_submit(env, 0, agent)
-
     cdef int c_submit(self, int env, int64_t priority, int* agent) except -1:
         cdef int j
         cdef uint32_t o

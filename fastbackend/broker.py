@@ -41,6 +41,8 @@ BrokerCore = _core.BrokerCore
 
 #: An agent that has not answered this many pings in a row is removed.
 MAX_MISSED_PINGS = 6
+#: Peers remembered as speaking the dialect a pinned broker does not serve.
+MAX_REMEMBERED_PEERS = 4096
 #: Most slots an agent may announce (the scheduler's indices and counters are 31-bit).
 MAX_SLOTS = 0x7FFFFFFE
 
@@ -145,6 +147,7 @@ class BrokerLogic:
         # are names in 0.5 and (type, name) pairs in 0.9, as in the scheduler.
         self.environments: tuple[dict, ...] = tuple({} for _ in DIALECTS)
         self.bad_input = RateLimitedLog(logger)
+        self.wrong_dialect_peers: set[bytes] = set()
         self.snapshot: QueueSnapshot | None = None
         self.log_jobs = logger.isEnabledFor(logging.DEBUG)
         self._summary_at = time.monotonic()
@@ -157,10 +160,17 @@ class BrokerLogic:
         self.bad_input.warning("dropped a frame from %s %s: %s", side, ident.hex(), reason)
 
     def wrong_dialect(self, side: str, ident: bytes, dialect: int) -> None:
+        # One line per peer, not per frame: such a peer pings every second.  The set is
+        # bounded (a flood of new identities restarts it); the lines are rate-limited too.
         self.frames_dropped += 1
+        if ident in self.wrong_dialect_peers:
+            return
+        if len(self.wrong_dialect_peers) >= MAX_REMEMBERED_PEERS:
+            self.wrong_dialect_peers.clear()
+        self.wrong_dialect_peers.add(ident)
         self.bad_input.warning("dropped a frame from %s %s: it speaks dialect %s, and this broker serves "
-                               "dialect %s only (--dialect)", side, ident.hex(), DIALECTS[dialect].name,
-                               DIALECTS[self.pinned].name)
+                               "dialect %s only (--dialect); its further frames are dropped silently",
+                               side, ident.hex(), DIALECTS[dialect].name, DIALECTS[self.pinned].name)
 
     def job_event(self, event: str, job: int, agent: int) -> None:
         client, job_id = self.job_client[job].hex(), wire.key_job_id(self.job_key[job])
