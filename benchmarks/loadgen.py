@@ -39,12 +39,13 @@ with the socket number ``CCCC`` offset by ``client_base``, and ``ffff`` for floo
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
+import random
 import sys
 import time
 from array import array
-from collections import deque
 
 import msgpack
 import zmq
@@ -230,11 +231,15 @@ def dealer(ctx: zmq.Context, addr: str, sndhwm: int | None = None) -> zmq.Socket
 # --------------------------------------------------------------------------------------
 
 def run_agents(cfg: dict) -> None:
-    """Agents that run every job in zero time, or in ``hold_ms`` milliseconds.
+    """Agents that run every job in zero time, or in ``hold_ms`` milliseconds on average.
 
     cfg: addr, dialect, agents, slots, environments (list), envelope (bool), archive_size,
     stdout_size, hold_ms, max_seconds.  With ``hold_ms`` a job's "started" goes out at
-    once and its "done" that long after (a FIFO of due times: every job is held as long).
+    once and its "done" after a time drawn uniformly from 0 to twice ``hold_ms`` (seeded,
+    so every run draws the same sequence).  A fixed hold would keep the slots in lockstep
+    -- all filled at once when the backlog arrives, all freed together ``hold_ms`` later --
+    and a job waiting for a slot would wait for the next burst, whatever the broker does;
+    drawn times spread the slots' ends within a few rounds.
     """
     ctx = zmq.Context()
     dialect = Dialect(cfg.get("dialect", "0.5"))
@@ -243,7 +248,8 @@ def run_agents(cfg: dict) -> None:
     archive = os.urandom(cfg["archive_size"]) if cfg.get("archive_size") else None
     stdout_text = "o" * cfg.get("stdout_size", 0)
     hold = cfg.get("hold_ms", 0) / 1000.0
-    held: deque = deque()  # (due, socket, route or None, raw job id)
+    draw = random.Random(1234).uniform
+    held: list = []  # heap of (due, sequence, socket, route or None, raw job id)
 
     started_head, started_tail = split_template(dialect.job_started())
     done_head, done_tail = split_template(dialect.job_done(archive, stdout_text))
@@ -324,7 +330,8 @@ def run_agents(cfg: dict) -> None:
                     sock.send(route, zmq.SNDMORE)
                 sock.send(started_head + raw_id + started_tail)
                 if hold:
-                    held.append((time.monotonic() + hold, sock, route, raw_id))
+                    due = time.monotonic() + draw(0.0, 2.0 * hold)
+                    heapq.heappush(held, (due, jobs, sock, route, raw_id))
                 else:
                     send_done(sock, route, raw_id)
         if held:
@@ -332,7 +339,7 @@ def run_agents(cfg: dict) -> None:
             for _ in range(len(held)):  # bounded: at most what is held now
                 if held[0][0] > now:
                     break
-                _, sock, route, raw_id = held.popleft()
+                _, _, sock, route, raw_id = heapq.heappop(held)
                 send_done(sock, route, raw_id)
     for sock in sockets:
         sock.close(0)

@@ -1,11 +1,12 @@
-"""Run the stock INGInious 0.5 backend the way its ``inginious-backend`` script does.
+"""Run the stock INGInious backend (0.5 or 0.9.2) the way its ``inginious-backend`` script does.
 
-Usage (with the stock venv's python, see setup.sh)::
+Usage (with a stock venv's python, see setup.sh and setup-0.9.sh)::
 
     python launch_stock.py AGENT_ADDR CLIENT_ADDR [-v]
 
-The stock script builds a ``zmq.asyncio.ZMQEventLoop``, which pyzmq removed; the stock
-``Backend`` itself runs unchanged on asyncio's own loop with a ``zmq.asyncio.Context``.
+Both versions' scripts build a ``zmq.asyncio.ZMQEventLoop``, which pyzmq removed, then
+construct ``Backend(context, agent, client)`` and run it; the stock ``Backend`` itself runs
+unchanged here on asyncio's own loop with a ``zmq.asyncio.Context``.
 Logging is set up as the stock script does it: the ``inginious`` logger at INFO, one
 formatted line per record on stderr.  That is the level operators run, and logging is a
 real part of the stock backend's cost, so the benchmarks compare at that level.
