@@ -13,8 +13,10 @@
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
-from libc.stdint cimport int64_t, uint32_t
-from libc.string cimport memcpy
+from libc.stdint cimport uint32_t
+from libc.stdlib cimport free, realloc
+from libc.string cimport memcpy, memset
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from fastbackend._sched_c cimport JOB_RUNNING, Scheduler
 from fastbackend._wire_c cimport (
@@ -61,6 +63,34 @@ cdef int AGENT_JOB_SSH_DEBUG = protocol.AGENT_JOB_SSH_DEBUG
 
 cdef enum:
     FRAME_WEIGHT = 64 * 1024   # bytes that count as one more message in a drain's budget
+    N_DIALECTS = 2
+    N_BUCKETS = 21             # len(_broker_py.TIME_BUCKETS) + 1
+
+from fastbackend._broker_py import TIME_BUCKETS
+
+if len(DIALECTS) != N_DIALECTS or len(TIME_BUCKETS) + 1 != N_BUCKETS:
+    raise ImportError("_broker_c was built for another number of dialects or time buckets")
+cdef double BOUNDS[N_BUCKETS - 1]
+for _i, _bound in enumerate(TIME_BUCKETS):
+    BOUNDS[_i] = _bound
+
+
+cdef inline double _monotonic() noexcept:
+    """time.monotonic(), without a Python call (Python reads the same clock)."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline int _bucket(double seconds) noexcept:
+    """The histogram bucket of a duration: bisect_left over BOUNDS, as _broker_py does."""
+    cdef int i = 0
+    while i < N_BUCKETS - 1 and BOUNDS[i] < seconds:
+        i += 1
+    return i
+
+#: Whether this build has the invariant checks compiled in (FASTBACKEND_DEBUG=1).
+DEBUG = bool(FB_DEBUG)
 
 BYTES_PER_MESSAGE = FRAME_WEIGHT  # must equal _broker_py.BYTES_PER_MESSAGE (a test checks)
 
@@ -100,6 +130,17 @@ cdef class BrokerCore:
     cdef public Py_ssize_t jobs_done
     cdef public Py_ssize_t frames_dropped
     cdef public bint log_jobs     # per-job DEBUG lines (set by the logic layer from the log level)
+    # For the metrics: counters per dialect, time histograms (counts per bucket, sums),
+    # and each job's monotonic submission and dispatch times (indexed by job, t_cap long).
+    cdef Py_ssize_t submitted_by[N_DIALECTS]
+    cdef Py_ssize_t done_by[N_DIALECTS]
+    cdef Py_ssize_t wait_counts[N_DIALECTS][N_BUCKETS]
+    cdef Py_ssize_t run_counts[N_DIALECTS][N_BUCKETS]
+    cdef double wait_total[N_DIALECTS]
+    cdef double run_total[N_DIALECTS]
+    cdef double* t_submitted
+    cdef double* t_sent
+    cdef Py_ssize_t t_cap
 
     def __init__(self, agent_socket, client_socket, dialect=None):
         self.agent_socket = agent_socket
@@ -126,6 +167,41 @@ cdef class BrokerCore:
         self.jobs_submitted = 0
         self.jobs_done = 0
         self.frames_dropped = 0
+        memset(self.submitted_by, 0, sizeof(self.submitted_by))
+        memset(self.done_by, 0, sizeof(self.done_by))
+        memset(self.wait_counts, 0, sizeof(self.wait_counts))
+        memset(self.run_counts, 0, sizeof(self.run_counts))
+        memset(self.wait_total, 0, sizeof(self.wait_total))
+        memset(self.run_total, 0, sizeof(self.run_total))
+
+    def __dealloc__(self):
+        free(self.t_submitted)
+        free(self.t_sent)
+
+    def counters(self):
+        """The per-dialect counters and histograms, as plain lists (see ``_broker_py``)."""
+        cdef int d
+        return {
+            "submitted": [self.submitted_by[d] for d in range(N_DIALECTS)],
+            "done": [self.done_by[d] for d in range(N_DIALECTS)],
+            "wait": [([self.wait_counts[d][b] for b in range(N_BUCKETS)], self.wait_total[d])
+                     for d in range(N_DIALECTS)],
+            "run": [([self.run_counts[d][b] for b in range(N_BUCKETS)], self.run_total[d])
+                    for d in range(N_DIALECTS)],
+        }
+
+    cdef int _grow_times(self, Py_ssize_t jobs) except -1:
+        cdef Py_ssize_t cap = max(jobs, 2 * self.t_cap)
+        cdef double* submitted = <double*>realloc(self.t_submitted, cap * sizeof(double))
+        if submitted == NULL:
+            raise MemoryError()
+        self.t_submitted = submitted
+        cdef double* sent = <double*>realloc(self.t_sent, cap * sizeof(double))
+        if sent == NULL:
+            raise MemoryError()
+        self.t_sent = sent
+        self.t_cap = cap
+        return 0
 
     # -- sending ------------------------------------------------------------------
 
@@ -207,7 +283,7 @@ cdef class BrokerCore:
             try:
                 if frames != 1:
                     self.dropped(side, self._ident(&ident),
-                                 f"{frames} frames in one message, expected 1")
+                                 f"{frames} frames in one message, expected 1", "multipart")
                 elif from_agents:
                     self._on_agent(<const char*>lz.msg_data(&ident), lz.msg_size(&ident), &body)
                 else:
@@ -314,6 +390,8 @@ cdef class BrokerCore:
         cdef int job, agent = -1
         cdef bytes key = job_key_c(scan.dialect, PyBytes_AS_STRING(ident), PyBytes_GET_SIZE(ident),
                                    scan.job_id, scan.job_id_len)
+        self.jobs_submitted += 1
+        self.submitted_by[scan.dialect] += 1
         if key in self.jobs:
             self.duplicate_job(ident, PyUnicode_DecodeUTF8(scan.job_id, scan.job_id_len, NULL), scan.dialect)
             return 0
@@ -325,11 +403,13 @@ cdef class BrokerCore:
             self.job_client.extend([None] * grow)
             self.job_frame.extend([None] * grow)
             self.job_started.extend([0.0] * grow)
+        if job >= self.t_cap:
+            self._grow_times(job + 1)
         self.jobs[key] = job
         self.job_key[job] = key
         self.job_client[job] = ident
         self.job_frame[job] = PyBytes_FromStringAndSize(data, size)
-        self.jobs_submitted += 1
+        self.t_submitted[job] = _monotonic()
         if FB_DEBUG:
             self._check_counts()
         if self.log_jobs:
@@ -366,7 +446,11 @@ cdef class BrokerCore:
         if FB_DEBUG and written != size:
             lz.msg_close(&out)
             raise AssertionError(f"new job spliced to {written} bytes, {size} announced")
+        cdef double now = _monotonic()
         self.job_started[job] = time.time()
+        self.t_sent[job] = now
+        self.wait_counts[scan.dialect][_bucket(now - self.t_submitted[job])] += 1
+        self.wait_total[scan.dialect] += now - self.t_submitted[job]
         if self.log_jobs:
             self.job_event("sent", job, agent)
         self._send_msg(self.agent_handle, PyBytes_AS_STRING(agent_ident), PyBytes_GET_SIZE(agent_ident),
@@ -410,7 +494,7 @@ cdef class BrokerCore:
             self.agent_hello(ident, PyBytes_FromStringAndSize(data, size), scan.dialect)
             return 0
         if agent < 0 or <int>self.agent_dialect[agent] != scan.dialect:
-            self.dropped("agent", ident, "message from an agent that did not say hello")
+            self.dropped("agent", ident, "message from an agent that did not say hello", "unregistered")
             return 0
         if scan.type == PONG:
             self.agent_missed[agent] = 0
@@ -418,7 +502,7 @@ cdef class BrokerCore:
         job = self.jobs.get(job_key_c(scan.dialect, scan.ident, scan.ident_len, scan.job_id, scan.job_id_len), -1)
         if job < 0 or self.sched.c_job_state(job) != JOB_RUNNING or self.sched.c_job_agent(job) != agent:
             self.dropped("agent", ident, "message about job %r, which is not running there"
-                         % PyUnicode_DecodeUTF8(scan.job_id, scan.job_id_len, "replace"))
+                         % PyUnicode_DecodeUTF8(scan.job_id, scan.job_id_len, "replace"), "not_running")
             return 0
         owner = self.job_client[job]
         if scan.type == AGENT_JOB_DONE and self.log_jobs:
@@ -435,8 +519,12 @@ cdef class BrokerCore:
             write_job_started(<char*>lz.msg_data(&out), scan.dialect, scan.job_id, scan.job_id_len)
         self._send_msg(self.client_handle, PyBytes_AS_STRING(owner), PyBytes_GET_SIZE(owner), &out, "client")
         if scan.type == AGENT_JOB_DONE:
+            elapsed = _monotonic() - self.t_sent[job]
+            self.run_counts[scan.dialect][_bucket(elapsed)] += 1
+            self.run_total[scan.dialect] += elapsed
             self._forget(job)
             self.jobs_done += 1
+            self.done_by[scan.dialect] += 1
             following = self.sched.c_finish(job)
             if following >= 0:
                 self._dispatch(following, agent)

@@ -38,6 +38,7 @@ already have the result of.
 
 from __future__ import annotations
 
+import bisect
 import time
 
 import zmq
@@ -61,6 +62,25 @@ from .protocol import (
 )
 
 JOB_RUNNING = sched.JOB_RUNNING
+
+
+#: Upper bounds (seconds) of the buckets of the wait and run time histograms (the
+#: metrics' ``fastbackend_job_wait_seconds`` / ``fastbackend_job_run_seconds``); one more
+#: bucket counts everything above the last bound.
+TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+
+
+class TimeHistogram:
+    """Counts of durations per bucket of ``TIME_BUCKETS`` (not cumulative) and their sum."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(TIME_BUCKETS) + 1)
+        self.total = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(TIME_BUCKETS, seconds)] += 1
+        self.total += seconds
 
 
 #: Bytes of payload that count as one more message against a drain's budget: a batch
@@ -93,6 +113,9 @@ class BrokerCore:
         self.job_client: list[bytes | None] = []
         self.job_frame: list[bytes | None] = []
         self.job_started: list[float] = []
+        # Monotonic times of submission and dispatch, for the wait / run time histograms.
+        self.job_submitted_at: list[float] = []
+        self.job_sent_at: list[float] = []
         # Per-job DEBUG lines cost a Python call each: decided once, by the logic
         # layer, from the log level (``fastbackend serve -v``).
         self.log_jobs = False
@@ -100,6 +123,19 @@ class BrokerCore:
         self.jobs_submitted = 0
         self.jobs_done = 0
         self.frames_dropped = 0
+        # The same per dialect, and the time histograms, for the metrics.
+        self.submitted_by = [0] * len(DIALECTS)
+        self.done_by = [0] * len(DIALECTS)
+        self.wait_times = [TimeHistogram() for _ in DIALECTS]
+        self.run_times = [TimeHistogram() for _ in DIALECTS]
+
+    def counters(self) -> dict:
+        """The per-dialect counters and histograms, as plain lists (read at scrape time)."""
+        return {
+            "submitted": list(self.submitted_by), "done": list(self.done_by),
+            "wait": [(list(h.counts), h.total) for h in self.wait_times],
+            "run": [(list(h.counts), h.total) for h in self.run_times],
+        }
 
     # -- hooks for the subclass (rare messages, logging) -------------------------
 
@@ -118,7 +154,7 @@ class BrokerCore:
     def agent_hello(self, ident: bytes, frame: bytes, dialect: int) -> None:
         raise NotImplementedError
 
-    def dropped(self, side: str, ident: bytes, reason: str) -> None:
+    def dropped(self, side: str, ident: bytes, reason: str, kind: str = "malformed") -> None:
         raise NotImplementedError
 
     def wrong_dialect(self, side: str, ident: bytes, dialect: int) -> None:
@@ -176,7 +212,8 @@ class BrokerCore:
                 return
             budget -= 1 + (len(parts[1]) // BYTES_PER_MESSAGE if len(parts) > 1 else 0)
             if len(parts) != 2:
-                self.dropped(side, parts[0], f"{len(parts) - 1} frames in one message, expected 1")
+                self.dropped(side, parts[0], f"{len(parts) - 1} frames in one message, expected 1",
+                             "multipart")
                 continue
             try:
                 handler(parts[0], parts[1])
@@ -245,6 +282,8 @@ class BrokerCore:
     def new_job(self, ident: bytes, dialect: int, job_id: str, environment: object, priority: int,
                 frame: bytes) -> None:
         key = wire.job_key(ident, job_id, dialect)
+        self.jobs_submitted += 1
+        self.submitted_by[dialect] += 1
         if key in self.jobs:
             self.duplicate_job(ident, job_id, dialect)
             return
@@ -256,11 +295,13 @@ class BrokerCore:
             self.job_client.extend([None] * grow)
             self.job_frame.extend([None] * grow)
             self.job_started.extend([0.0] * grow)
+            self.job_submitted_at.extend([0.0] * grow)
+            self.job_sent_at.extend([0.0] * grow)
         self.jobs[key] = job
         self.job_key[job] = key
         self.job_client[job] = ident
         self.job_frame[job] = frame
-        self.jobs_submitted += 1
+        self.job_submitted_at[job] = time.monotonic()
         if self.log_jobs:
             self.job_event("queued", job, -1)
         if agent >= 0:
@@ -269,6 +310,8 @@ class BrokerCore:
     def dispatch(self, job: int, agent: int) -> None:
         """Send a job the scheduler has just started on ``agent``."""
         self.job_started[job] = time.time()
+        self.job_sent_at[job] = now = time.monotonic()
+        self.wait_times[wire.key_dialect(self.job_key[job])].add(now - self.job_submitted_at[job])
         if self.log_jobs:
             self.job_event("sent", job, agent)
         frame = wire.splice_new_job(self.job_frame[job], self.job_client[job],
@@ -294,22 +337,25 @@ class BrokerCore:
             self.agent_hello(ident, frame, dialect)
             return
         if agent < 0 or self.agent_dialect[agent] != dialect:
-            self.dropped("agent", ident, "message from an agent that did not say hello")
+            self.dropped("agent", ident, "message from an agent that did not say hello", "unregistered")
             return
         if msgtype == PONG:
             self.agent_missed[agent] = 0
             return
         job = self.jobs.get(wire.job_key(client, job_id, dialect), -1)
         if job < 0 or self.sched.job_state(job) != JOB_RUNNING or self.sched.job_agent(job) != agent:
-            self.dropped("agent", ident, f"message about job {job_id!r}, which is not running there")
+            self.dropped("agent", ident, f"message about job {job_id!r}, which is not running there",
+                         "not_running")
             return
         owner = self.job_client[job]
         if msgtype == AGENT_JOB_DONE:
             if self.log_jobs:
                 self.job_event("done", job, agent)
             self.send_client(owner, wire.splice_job_done(frame, dialect))
+            self.run_times[dialect].add(time.monotonic() - self.job_sent_at[job])
             self.forget_job(job)
             self.jobs_done += 1
+            self.done_by[dialect] += 1
             following = self.sched.finish(job)
             if following >= 0:
                 self.dispatch(following, agent)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 
 import zmq
 
@@ -148,6 +149,11 @@ class BrokerLogic:
         self.environments: tuple[dict, ...] = tuple({} for _ in DIALECTS)
         self.bad_input = RateLimitedLog(logger)
         self.wrong_dialect_peers: set[bytes] = set()
+        # For the metrics (the per-job counters live in the core): frames dropped by kind,
+        # jobs ended by the broker itself per (dialect, outcome), agents removed by reason.
+        self.dropped_by: Counter[str] = Counter()
+        self.finished_by: Counter[tuple[int, str]] = Counter()
+        self.removed_by: Counter[str] = Counter()
         self.snapshot: QueueSnapshot | None = None
         self.log_jobs = logger.isEnabledFor(logging.DEBUG)
         self._summary_at = time.monotonic()
@@ -155,14 +161,16 @@ class BrokerLogic:
 
     # -- logging hooks ------------------------------------------------------------
 
-    def dropped(self, side: str, ident: bytes, reason: str) -> None:
+    def dropped(self, side: str, ident: bytes, reason: str, kind: str = "malformed") -> None:
         self.frames_dropped += 1
+        self.dropped_by[kind] += 1
         self.bad_input.warning("dropped a frame from %s %s: %s", side, ident.hex(), reason)
 
     def wrong_dialect(self, side: str, ident: bytes, dialect: int) -> None:
         # One line per peer, not per frame: such a peer pings every second.  The set is
         # bounded (a flood of new identities restarts it); the lines are rate-limited too.
         self.frames_dropped += 1
+        self.dropped_by["dialect"] += 1
         if ident in self.wrong_dialect_peers:
             return
         if len(self.wrong_dialect_peers) >= MAX_REMEMBERED_PEERS:
@@ -185,6 +193,7 @@ class BrokerLogic:
 
     def internal_error(self, side: str, ident: bytes) -> None:
         self.frames_dropped += 1
+        self.dropped_by["internal"] += 1
         logger.exception("internal error on a frame from %s %s; frame dropped", side, ident.hex())
 
     def unreachable(self, side: str, ident: bytes) -> None:
@@ -220,8 +229,9 @@ class BrokerLogic:
     def duplicate_job(self, ident: bytes, job_id: str, dialect: int) -> None:
         """A new job whose id is already waiting or running (0.9: from any client)."""
         answer = DIALECTS[dialect].duplicate_frame
+        self.finished_by[dialect, "duplicate"] += 1
         if answer is None:
-            self.dropped("client", ident, f"duplicate job id {job_id!r}")
+            self.dropped("client", ident, f"duplicate job id {job_id!r}", "duplicate")
             return
         logger.info("client %s submitted job %s, whose id is already in use: answered with a crash",
                     ident.hex(), job_id)
@@ -233,13 +243,14 @@ class BrokerLogic:
         global); the result goes to the job's owner."""
         job = self.jobs.get(wire.job_key(ident, job_id, dialect), -1)
         if job < 0:
-            self.dropped("client", ident, f"kill of unknown job {job_id!r}")
+            self.dropped("client", ident, f"kill of unknown job {job_id!r}", "unknown_job")
             return
         state = wire.submission_state(self.job_frame[job], dialect) if dialect == V09 else None
         owner = self.job_client[job]
         if self.sched.job_state(job) == sched.JOB_WAITING:
             self.sched.cancel(job)
             self.forget_job(job)
+            self.finished_by[dialect, "killed"] += 1
             self.send_client(owner, DIALECTS[dialect].killed_frame(job_id, state))
         else:
             agent = self.sched.job_agent(job)
@@ -257,14 +268,15 @@ class BrokerLogic:
         try:
             name, slots, environments = _check_hello(dialect, decode(frame))
         except (WireError, ValueError, TypeError) as exc:
-            self.dropped("agent", ident, f"bad {DIALECTS[dialect].agent_type(AGENT_HELLO)}: {exc}")
+            self.dropped("agent", ident, f"bad {DIALECTS[dialect].agent_type(AGENT_HELLO)}: {exc}",
+                         "bad_hello")
             return
         logger.info("agent %s (%s) said hello in dialect %s: %d slots, environments %s",
                     ident.hex(), name, DIALECTS[dialect].name, slots,
                     ", ".join(_env_text(env) for env in environments) or "none")
         if ident in self.agents:
             # Same socket, new hello: the agent restarted and lost its jobs.
-            self.remove_agent(self.agents[ident], "said hello again")
+            self.remove_agent(self.agents[ident], "said hello again", "hello_again")
         agent = self.sched.add_agent(slots, [self.sched.env_id(env) for env in environments])
         if agent >= len(self.agent_ident):
             grow = agent + 1 - len(self.agent_ident)
@@ -301,14 +313,19 @@ class BrokerLogic:
             if created > known[1]:
                 known[0], known[1] = image_id, created
 
-    def remove_agent(self, agent: int, why: str) -> None:
-        """Forget an agent; each job it was running ends with a crash result."""
+    def remove_agent(self, agent: int, why: str, reason: str) -> None:
+        """Forget an agent; each job it was running ends with a crash result.
+
+        ``why`` is said in the log, ``reason`` counted in the metrics.
+        """
         ident = self.agent_ident[agent]
         dialect = DIALECTS[self.agent_dialect[agent]]
         logger.warning("agent %s (%s) %s: removing it", ident.hex(), self.agent_name[agent], why)
+        self.removed_by[reason] += 1
         for job in self.sched.remove_agent(agent):
             owner, job_id = self.job_client[job], wire.key_job_id(self.job_key[job])
             self.forget_job(job)
+            self.finished_by[dialect.tag, "crashed"] += 1
             self.send_client(owner, dialect.agent_lost_frame(job_id))
         del self.agents[ident]
         self.agent_ident[agent] = None
@@ -328,7 +345,7 @@ class BrokerLogic:
         """Called every second: ping every agent, remove those that stopped answering."""
         for ident, agent in list(self.agents.items()):
             if self.agent_missed[agent] >= MAX_MISSED_PINGS:
-                self.remove_agent(agent, f"did not answer {MAX_MISSED_PINGS} pings")
+                self.remove_agent(agent, f"did not answer {MAX_MISSED_PINGS} pings", "missed_pings")
             else:
                 self.agent_missed[agent] += 1
                 self.send_agent(ident, DIALECTS[self.agent_dialect[agent]].ping_frame)

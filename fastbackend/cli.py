@@ -85,6 +85,9 @@ def make_parser() -> argparse.ArgumentParser:
                             "(recommended; default: anyone, as stock)")
     serve.add_argument("--allow-clients", metavar="CIDR[,CIDR...]", action="append",
                        help="only these networks may connect to the client address (default: anyone)")
+    serve.add_argument("--metrics", metavar="HOST:PORT", default=None,
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                            "(needs: pip install 'fastbackend[metrics]')")
     status = commands.add_parser(
         "status", help="show a backend's environments, running and waiting jobs (asked as a client)",
         description="Connects to CLIENT_ADDR as an ordinary client (one hello, then queue requests) "
@@ -136,7 +139,8 @@ def serve(args: argparse.Namespace) -> int:
     context = zmq.Context()
     try:
         backend = Backend(context, args.agent, args.client, args.dialect,
-                          allow_agents=args.allow_agents, allow_clients=args.allow_clients)
+                          allow_agents=args.allow_agents, allow_clients=args.allow_clients,
+                          metrics=args.metrics)
     except ValueError as exc:
         root.error("cannot serve: %s", exc)
         loop.close()

@@ -27,6 +27,8 @@ import zmq
 from ._version import __version__
 from .allowlist import Network, ZapHandler, parse_allowlist
 from .broker import IMPL, Broker
+from .metrics import MetricsServer
+from .metrics import parse_address as parse_metrics_address
 from .protocol import BY_NAME, MAX_FRAME_SIZE
 
 logger = logging.getLogger("fastbackend.server")
@@ -154,6 +156,9 @@ class Backend:
     allowed to connect to that socket (tcp addresses only); None allows everyone, as stock.
     Refused connections are counted in ``refused``.
 
+    ``metrics``: ``"HOST:PORT"`` to serve Prometheus metrics at ``http://HOST:PORT/metrics``
+    (needs ``fastbackend[metrics]``); None serves none.
+
     In embedded mode, if the application configured the ``inginious`` logger and not
     ``fastbackend``'s, fastbackend logs under ``inginious.backend`` as the stock backend
     does (``log_like_inginious``).
@@ -162,7 +167,7 @@ class Backend:
     def __init__(self, context: zmq.Context, agent_addr: str, client_addr: str,
                  dialect: str | None = None, *, allow_agents: str | Iterable[str] | None = None,
                  allow_clients: str | Iterable[str] | None = None,
-                 summary_period: float = SUMMARY_PERIOD) -> None:
+                 summary_period: float = SUMMARY_PERIOD, metrics: str | None = None) -> None:
         if dialect is not None and dialect not in BY_NAME:
             raise ValueError(f"dialect must be one of {', '.join(BY_NAME)} or None, not {dialect!r}")
         self._allow: dict[str, tuple[Network, ...]] = {}
@@ -177,6 +182,11 @@ class Backend:
         #: Connections refused by the allowlists so far, per socket.
         self.refused: dict[str, int] = {"agent": 0, "client": 0}
         self._summary_period = summary_period
+        self._metrics_address = None if metrics is None else parse_metrics_address(metrics)
+        #: How late (seconds) the last heartbeat tick ran after its due time.
+        self.heartbeat_lag = 0.0
+        #: ``HOST:PORT`` of the metrics endpoint, once serving.
+        self.metrics_endpoint: str | None = None
         self._dialect = dialect
         self._context = zmq.Context.shadow(context.underlying)
         self._agent_addr = agent_addr
@@ -232,6 +242,16 @@ class Backend:
                     self._dialect or " and ".join(BY_NAME), *sys.version_info[:2], zmq.pyzmq_version(),
                     zmq.zmq_version(), self.agent_endpoint, self.client_endpoint,
                     f"; {allow}" if allow else "")
+        metrics = None
+        if self._metrics_address is not None:
+            metrics = MetricsServer(self, *self._metrics_address)
+            try:
+                self.metrics_endpoint = await metrics.start()
+            except BaseException:
+                agent_socket.close(0)
+                client_socket.close(0)
+                raise
+            logger.info("metrics on http://%s/metrics", self.metrics_endpoint)
         fds = [agent_socket.getsockopt(zmq.FD), client_socket.getsockopt(zmq.FD)]
         for fd in fds:
             self._loop.add_reader(fd, self._pump)
@@ -250,6 +270,8 @@ class Backend:
                 timer.cancel()
             if self._pump_handle is not None:
                 self._pump_handle.cancel()
+            if metrics is not None:
+                await metrics.stop()
             agent_socket.close()
             client_socket.close()
             logger.info("fastbackend stopped")
@@ -264,8 +286,9 @@ class Backend:
 
     def _heartbeat(self) -> None:
         # Scheduled on a fixed grid so that a slow tick does not push the next ones back.
-        self._next_beat += HEARTBEAT_PERIOD
         now = self._loop.time()
+        self.heartbeat_lag = max(0.0, now - self._next_beat)
+        self._next_beat += HEARTBEAT_PERIOD
         if self._next_beat < now:
             self._next_beat = now + HEARTBEAT_PERIOD
         self._timers[0] = self._loop.call_at(self._next_beat, self._heartbeat)
