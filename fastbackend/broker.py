@@ -63,6 +63,9 @@ class RateLimitedLog:
         self.suppressed = 0
 
     def warning(self, msg: str, *args: object) -> None:
+        self.emit(logging.WARNING, msg, *args)
+
+    def emit(self, level: int, msg: str, *args: object, exc_info: bool = False) -> None:
         now = time.monotonic()
         if now - self.window_start >= self.period:
             if self.suppressed:
@@ -73,7 +76,7 @@ class RateLimitedLog:
             self.suppressed = 0
         if self.lines < self.burst:
             self.lines += 1
-            self.log.warning(msg, *args)
+            self.log.log(level, msg, *args, exc_info=exc_info)
         else:
             self.suppressed += 1
 
@@ -148,6 +151,9 @@ class BrokerLogic:
         # are names in 0.5 and (type, name) pairs in 0.9, as in the scheduler.
         self.environments: tuple[dict, ...] = tuple({} for _ in DIALECTS)
         self.bad_input = RateLimitedLog(logger)
+        # Peers coming and going (hellos, removals, duplicates) are logged at INFO and
+        # WARNING like stock, but a flood of new identities must not fill the disk either.
+        self.peer_events = RateLimitedLog(logger, burst=100)
         self.wrong_dialect_peers: set[bytes] = set()
         # For the metrics (the per-job counters live in the core): frames dropped by kind,
         # jobs ended by the broker itself per (dialect, outcome), agents removed by reason.
@@ -194,7 +200,8 @@ class BrokerLogic:
     def internal_error(self, side: str, ident: bytes) -> None:
         self.frames_dropped += 1
         self.dropped_by["internal"] += 1
-        logger.exception("internal error on a frame from %s %s; frame dropped", side, ident.hex())
+        self.bad_input.emit(logging.ERROR, "internal error on a frame from %s %s; frame dropped", side,
+                            ident.hex(), exc_info=True)
 
     def unreachable(self, side: str, ident: bytes) -> None:
         logger.debug("%s %s is gone; a frame for it was dropped", side, ident.hex())
@@ -205,7 +212,7 @@ class BrokerLogic:
     # -- clients ------------------------------------------------------------------
 
     def client_hello(self, ident: bytes, frame: bytes, dialect: int) -> None:
-        logger.info("new client %s (dialect %s)", ident.hex(), DIALECTS[dialect].name)
+        self.peer_events.emit(logging.INFO, "new client %s (dialect %s)", ident.hex(), DIALECTS[dialect].name)
         self.clients[ident] = dialect
         self.send_client(ident, DIALECTS[dialect].environments_frame(self.environments[dialect]))
 
@@ -233,7 +240,8 @@ class BrokerLogic:
         if answer is None:
             self.dropped("client", ident, f"duplicate job id {job_id!r}", "duplicate")
             return
-        logger.info("client %s submitted job %s, whose id is already in use: answered with a crash",
+        self.peer_events.emit(logging.INFO, "client %s submitted job %s, whose id is already in use: "
+                              "answered with a crash",
                     ident.hex(), job_id)
         self.send_client(ident, answer(job_id))
 
@@ -271,7 +279,8 @@ class BrokerLogic:
             self.dropped("agent", ident, f"bad {DIALECTS[dialect].agent_type(AGENT_HELLO)}: {exc}",
                          "bad_hello")
             return
-        logger.info("agent %s (%s) said hello in dialect %s: %d slots, environments %s",
+        self.peer_events.emit(logging.INFO,
+                              "agent %s (%s) said hello in dialect %s: %d slots, environments %s",
                     ident.hex(), name, DIALECTS[dialect].name, slots,
                     ", ".join(_env_text(env) for env in environments) or "none")
         if ident in self.agents:
@@ -320,7 +329,7 @@ class BrokerLogic:
         """
         ident = self.agent_ident[agent]
         dialect = DIALECTS[self.agent_dialect[agent]]
-        logger.warning("agent %s (%s) %s: removing it", ident.hex(), self.agent_name[agent], why)
+        self.peer_events.warning("agent %s (%s) %s: removing it", ident.hex(), self.agent_name[agent], why)
         self.removed_by[reason] += 1
         for job in self.sched.remove_agent(agent):
             owner, job_id = self.job_client[job], wire.key_job_id(self.job_key[job])

@@ -519,3 +519,22 @@ def test_an_agent_announcing_absurdly_many_slots_is_refused_with_one_line(harnes
     lines = [r.getMessage() for r in caplog.records if "available_job_slots" in r.getMessage()]
     assert len(lines) == 2 and all("dropped a frame" in line for line in lines)
     assert harness.broker.agents == {}
+
+
+def test_a_flood_of_new_identities_cannot_flood_the_log(harness: Harness, caplog) -> None:
+    """Hellos of 600 client identities and 200 agents, then 200 re-hellos: about 1,200 lines
+    worth of events, of which the log keeps a bounded burst."""
+    with caplog.at_level("INFO", logger="fastbackend.broker"):
+        for i in range(600):
+            harness.peer(f"c{i}").send(pack(type="client_hello", name="flood"))
+        for i in range(200):
+            harness.peer(f"a{i}").send(agent_hello(f"a{i}", 1, ["default"]))
+        harness.settle()
+        for i in range(200):  # each says hello again: removed, then registered again
+            harness.peer(f"a{i}").send(agent_hello(f"a{i}", 1, ["default"]))
+        harness.settle()
+    assert len(harness.broker.clients) == 600 and len(harness.broker.agents) == 200
+    assert len(caplog.records) <= 150, len(caplog.records)
+    assert harness.broker.peer_events.suppressed > 0
+    for i in range(600):
+        harness.received(f"c{i}")
