@@ -7,7 +7,7 @@ agent a job is sent to.  ``sched`` picks one of the two at import.
 Model
 -----
 * An *environment* is interned to a small int, 0, 1, 2, ... for good.  Its key is a
-  str (a 0.5 container name) or a tuple of str (such as ``("0.9", type, name)``).
+  str (a 0.5 container name) or a tuple of str (the broker uses ``(type, name)`` for 0.9).
 * An *agent* offers a set of environments and has ``slots`` job slots.
 * A *job* is submitted for one environment with a *priority*, a signed 64-bit int
   (0 unless given; lower runs first).  It is ``JOB_WAITING`` in its environment's
@@ -66,7 +66,7 @@ import operator
 from collections import OrderedDict
 from collections.abc import Iterable
 
-# An environment key: a 0.5 container name, or a tuple such as ("0.9", type, name).
+# An environment key: a 0.5 container name, or a tuple of str ((type, name) for 0.9).
 EnvKey = str | tuple[str, ...]
 
 JOB_FREE = 0
