@@ -124,7 +124,9 @@ class Registry:
         lines = []
         for (dialect, _kind), labels in sorted(self.ran.items()):
             for label, info in labels.items():
-                libs = f"pyzmq {info.get('pyzmq', '-')} / libzmq {info.get('libzmq', '?')}"
+                libs = f"libzmq {info.get('libzmq', '?')}"
+                if "pyzmq" in info:
+                    libs = f"pyzmq {info['pyzmq']} / {libs}"
                 if "msgpack" in info:
                     c_ext = "C extension" if info.get("msgpack_c") else "PURE PYTHON"
                     libs += f" / msgpack {info['msgpack']} ({c_ext})"
