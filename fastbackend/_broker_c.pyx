@@ -101,6 +101,13 @@ cdef tuple PONG_FRAMES = tuple(d.pong_frame for d in DIALECTS)
 cdef tuple UNKNOWN_FRAMES = tuple(d.unknown_frame for d in DIALECTS)
 
 
+cdef inline int _scan_side(bint from_agent, int dialect, const char* data, Py_ssize_t size,
+                           Scan* scan) except -1:
+    if from_agent:
+        return scan_agent_c(dialect, data, size, scan)
+    return scan_client_c(dialect, data, size, scan)
+
+
 cdef class BrokerCore:
     """Per-job routing between clients and agents; the compiled twin of ``_broker_py.BrokerCore``."""
 
@@ -305,10 +312,7 @@ cdef class BrokerCore:
         cdef str side = "agent" if from_agent else "client"
         first_error = None
         try:
-            if from_agent:
-                scan_agent_c(dialect, data, size, scan)
-            else:
-                scan_client_c(dialect, data, size, scan)
+            _scan_side(from_agent, dialect, data, size, scan)
             return 1
         except WrongDialect as exc:
             if self.pinned is not None:
@@ -321,10 +325,7 @@ cdef class BrokerCore:
                 return 0
             dialect, first_error = 1 - dialect, exc  # the other of the two dialects
         try:
-            if from_agent:
-                scan_agent_c(dialect, data, size, scan)
-            else:
-                scan_client_c(dialect, data, size, scan)
+            _scan_side(from_agent, dialect, data, size, scan)
             return 1
         except WireError as exc:
             if first_error is not None:

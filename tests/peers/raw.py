@@ -67,7 +67,11 @@ def job_done_message(job_id: Any, result: tuple[str, str] = ("success", "ok"), *
 
 
 class RawPeer:
-    """A DEALER socket with bounded, decoding receive helpers."""
+    """A DEALER socket with bounded, decoding receive helpers (0.5 frames; 0.9 in ``raw09``)."""
+
+    #: The key naming a message's type, and the heartbeat types ``expect_silence`` lets pass.
+    TYPE_KEY = "type"
+    HEARTBEATS: tuple[str, ...] = ("pong", "ping")
 
     def __init__(self, ctx: zmq.Context, addr: str, rcvhwm: int | None = None) -> None:
         self.socket = ctx.socket(zmq.DEALER)
@@ -78,7 +82,10 @@ class RawPeer:
         self.received: list[dict[str, Any]] = []  # messages skipped by recv_type
 
     def send(self, msgtype: str, **fields: Any) -> None:
-        self.socket.send(pack({"type": msgtype, **fields}))
+        self.socket.send(pack({self.TYPE_KEY: msgtype, **fields}))
+
+    def send_message(self, message: dict[str, Any]) -> None:
+        self.socket.send(pack(message))
 
     def send_frames(self, *frames: bytes) -> None:
         """Send raw frames as ONE multipart message (one frame is the protocol's norm)."""
@@ -93,27 +100,29 @@ class RawPeer:
         return unpack(frames[0])
 
     def recv_type(self, msgtype: str, timeout: float = 5.0) -> dict[str, Any]:
-        """The next message of ``msgtype``; others are answered (ping) or kept in ``received``."""
+        """The next message of ``msgtype``; others are answered (pings) or kept in ``received``."""
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"no {msgtype} within {timeout}s; got {self.received[-5:]}")
             message = self.recv(remaining)
-            if message["type"] == msgtype:
+            if message.get(self.TYPE_KEY) == msgtype:
                 return message
             self.on_other(message)
 
     def on_other(self, message: dict[str, Any]) -> None:
         self.received.append(message)
 
-    def expect_silence(self, duration: float, ignore: tuple[str, ...] = ("pong", "ping")) -> None:
-        """Assert nothing but ``ignore`` types arrives during ``duration`` seconds."""
+    def expect_silence(self, duration: float, ignore: tuple[str, ...] | None = None) -> None:
+        """Assert nothing but ``ignore`` types (the heartbeats by default) arrives during ``duration`` s."""
+        if ignore is None:
+            ignore = self.HEARTBEATS
         deadline = time.monotonic() + duration
         while (remaining := deadline - time.monotonic()) > 0:
             if self.socket.poll(int(remaining * 1000) + 1):
                 message = unpack(self.socket.recv())
-                if message["type"] in ignore:
+                if message.get(self.TYPE_KEY) in ignore:
                     self.on_other(message)
                     continue
                 raise AssertionError(f"unexpected message {message!r}")

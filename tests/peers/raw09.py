@@ -16,7 +16,7 @@ from typing import Any
 
 import zmq
 
-from .raw import pack, unpack
+from .raw import RawPeer, pack, unpack
 
 __all__ = ["RawAgent09", "RawClient09", "RawPeer09", "assert_serving_09", "job_done", "new_job",
            "pack", "unpack"]
@@ -62,57 +62,11 @@ def job_done(job_id: str, result: tuple[str, str] = ("success", "ok"), **overrid
     return message
 
 
-class RawPeer09:
+class RawPeer09(RawPeer):
     """A DEALER socket with bounded, decoding receive helpers (0.9 frames)."""
 
-    def __init__(self, ctx: zmq.Context, addr: str) -> None:
-        self.socket = ctx.socket(zmq.DEALER)
-        self.socket.linger = 0
-        self.socket.connect(addr)
-        self.received: list[dict[str, Any]] = []  # messages skipped by recv_type
-
-    def send(self, msgtype: str, **fields: Any) -> None:
-        self.socket.send(pack({"@type": msgtype, **fields}))
-
-    def send_message(self, message: dict[str, Any]) -> None:
-        self.socket.send(pack(message))
-
-    def recv(self, timeout: float = 5.0) -> dict[str, Any]:
-        """The next message; TimeoutError after ``timeout`` seconds."""
-        if not self.socket.poll(int(timeout * 1000)):
-            raise TimeoutError(f"nothing received within {timeout}s")
-        frames = self.socket.recv_multipart()
-        assert len(frames) == 1, f"the broker sent {len(frames)} frames in one message"
-        return unpack(frames[0])
-
-    def recv_type(self, msgtype: str, timeout: float = 5.0) -> dict[str, Any]:
-        """The next message of ``msgtype``; others are answered (Ping) or kept in ``received``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no {msgtype} within {timeout}s; got {self.received[-5:]}")
-            message = self.recv(remaining)
-            if message.get("@type") == msgtype:
-                return message
-            self.on_other(message)
-
-    def on_other(self, message: dict[str, Any]) -> None:
-        self.received.append(message)
-
-    def expect_silence(self, duration: float, ignore: tuple[str, ...] = ("Pong", "Ping")) -> None:
-        """Assert nothing but ``ignore`` types arrives during ``duration`` seconds."""
-        deadline = time.monotonic() + duration
-        while (remaining := deadline - time.monotonic()) > 0:
-            if self.socket.poll(int(remaining * 1000) + 1):
-                message = unpack(self.socket.recv())
-                if message.get("@type") in ignore:
-                    self.on_other(message)
-                    continue
-                raise AssertionError(f"unexpected message {message!r}")
-
-    def close(self) -> None:
-        self.socket.close(linger=0)
+    TYPE_KEY = "@type"
+    HEARTBEATS = ("Pong", "Ping")
 
 
 class RawClient09(RawPeer09):
