@@ -89,6 +89,9 @@ class _Side:
         kinds = field_kinds(messages, typed)
         self.dialect = dialect.tag
         self.type_key = dialect.type_key.encode()
+        # The peers of 0.9 run msgpack 1.x, which reads ext -1 as a timestamp; those of
+        # 0.5 run msgpack 0.6, which refuses every negative ext type.
+        self.timestamps = dialect.tag == V09
         # The type keys of the other dialects: meeting one means the frame is theirs.
         self.foreign = {d.type_key.encode(): d.tag for d in protocol.DIALECTS if d.tag != dialect.tag}
         self.names = list(kinds)  # field id -> name
@@ -179,14 +182,24 @@ _LEAD = {
 }
 
 
-def _skip(buf: bytes, pos: int, n: int, depth: int) -> int:
+def _skip(buf: bytes, pos: int, n: int, depth: int, timestamps: bool) -> int:
     """Skip one well-formed value at ``pos``; ``depth`` containers are already open around it.
 
     Iterative: ``left`` counts the values still to skip in the innermost open
-    container, ``stack`` the counts of the enclosing ones.
+    container, ``stack`` the (count, is-map) of the enclosing ones.
+
+    Well-formed means: what the receiving peer's own loader accepts (msgpack-python with
+    ``raw=False, use_list=False, strict_map_key=False``), since the value is forwarded to
+    it byte for byte and a value it refuses raises in its receive loop.  So besides the
+    framing, every str must hold valid UTF-8, no map may sit inside a map key (the key
+    would be an unhashable dict), and no ext type may be one msgpack reserves (negative):
+    except, when ``timestamps`` (msgpack 1.x peers: dialect 0.9), a well-formed timestamp
+    (ext -1 of 4, 8 or 12 bytes, nanoseconds below 10**9).
     """
-    stack: list[int] = []
+    stack: list[tuple[int, bool]] = []
     left = 1
+    is_map = False  # whether the innermost open container is a map
+    key_top = -1  # len(stack) where the map key being skipped began, or -1 outside keys
     while True:
         if pos >= n:
             raise _truncated()
@@ -203,6 +216,7 @@ def _skip(buf: bytes, pos: int, n: int, depth: int) -> int:
             size = lead & 0x1F
             if size > n - pos:
                 raise _truncated()
+            _utf8_any(buf, pos, size)
             pos += size
         else:
             what, size = _LEAD[lead]
@@ -215,16 +229,20 @@ def _skip(buf: bytes, pos: int, n: int, depth: int) -> int:
                 pos += size
                 if length > n - pos:
                     raise _truncated()
+                if lead >= 0xD9:  # str8/16/32 (0xc4..0xc6 are bin)
+                    _utf8_any(buf, pos, length)
                 pos += length
             elif what == "ext":
-                length = _uint(buf, pos, size, n) + 1  # + the ext type byte
+                length = _uint(buf, pos, size, n)
                 pos += size
-                if length > n - pos:
+                if length + 1 > n - pos:  # + the ext type byte
                     raise _truncated()
-                pos += length
+                _ext_type(buf, pos, length, timestamps)
+                pos += length + 1
             elif what == "fixext":
                 if size + 1 > n - pos:
                     raise _truncated()
+                _ext_type(buf, pos, size, timestamps)
                 pos += size + 1
             elif what == "array":
                 items = _uint(buf, pos, size, n)
@@ -235,6 +253,11 @@ def _skip(buf: bytes, pos: int, n: int, depth: int) -> int:
             else:
                 raise WireError(f"invalid msgpack byte 0x{lead:02x}")
         if items >= 0:
+            # A map key is every first value of a pair: an even count left in a map.
+            in_key = key_top >= 0 or (is_map and left % 2 == 0)
+            opens_map = lead <= 0x8F or lead >= 0xDE
+            if in_key and opens_map:
+                raise WireError("map as a map key")
             if depth + len(stack) + 1 > MAX_DEPTH:
                 raise WireError("nesting too deep")
             # Every item takes at least one byte: a count beyond the bytes left is a
@@ -242,14 +265,46 @@ def _skip(buf: bytes, pos: int, n: int, depth: int) -> int:
             if items > n - pos:
                 raise _truncated()
             if items:
-                stack.append(left - 1)
+                if in_key and key_top < 0:
+                    key_top = len(stack)
+                stack.append((left - 1, is_map))
                 left = items
+                is_map = opens_map
                 continue
         left -= 1
         while left == 0:
             if not stack:
                 return pos
-            left = stack.pop()
+            left, is_map = stack.pop()
+            if len(stack) == key_top:
+                key_top = -1
+
+
+def _utf8_any(buf: bytes, start: int, length: int) -> None:
+    """A str inside a pass-through value: the receiver decodes it (``raw=False``)."""
+    try:
+        buf[start:start + length].decode("utf-8")
+    except UnicodeDecodeError:
+        raise WireError("invalid UTF-8 in a str") from None
+
+
+def _ext_type(buf: bytes, pos: int, length: int, timestamps: bool) -> None:
+    """Refuse an ext the receiver's msgpack refuses; ``pos`` is the type byte, ``length`` the data's."""
+    code = buf[pos]
+    if code < 0x80:
+        return  # 0..127: application types, read as ExtType
+    if code != 0xFF or not timestamps:
+        raise WireError(f"reserved ext type {code - 0x100}")
+    if length == 4:
+        return
+    if length == 8:
+        nanoseconds = int.from_bytes(buf[pos + 1:pos + 5], "big") >> 2
+    elif length == 12:
+        nanoseconds = int.from_bytes(buf[pos + 1:pos + 5], "big")
+    else:
+        raise WireError("invalid timestamp")
+    if nanoseconds >= 10**9:
+        raise WireError("invalid timestamp")
 
 
 def _str(buf: bytes, pos: int, n: int) -> tuple[int, int] | None:
@@ -346,7 +401,7 @@ def _foreign_dialect(buf: bytes, pos: int, left: int, side: _Side) -> int:
             key = buf[found[0]:found[0] + found[1]]
             if key in side.foreign:
                 return side.foreign[key]
-            pos = _skip(buf, found[0] + found[1], n, 1)
+            pos = _skip(buf, found[0] + found[1], n, 1, side.timestamps)
     except WireError:
         return -1
     return -1
@@ -407,7 +462,7 @@ def _scan(buf: bytes, side: _Side) -> _Scan:
             name = side.names[gid]
             kind = side.kinds[gid]
             if kind == "any":
-                pos = _skip(buf, pos, n, 1)
+                pos = _skip(buf, pos, n, 1, side.timestamps)
             elif kind == "str":
                 found = _str(buf, pos, n)
                 if found is None:
@@ -435,7 +490,7 @@ def _scan(buf: bytes, side: _Side) -> _Scan:
                 lead = buf[pos]
                 if not (0x80 <= lead <= 0x8F or lead in (0xDE, 0xDF)):
                     raise WireError(f"{name} must be a map")
-                pos = _skip(buf, pos, n, 1)
+                pos = _skip(buf, pos, n, 1, side.timestamps)
             else:  # "job_pair"
                 ident_start, ident_len, start, length, pos = _job_pair(buf, pos, n)
                 ident = (ident_start, ident_len)

@@ -24,6 +24,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from fuzz.receivers import receiver_loads
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -1031,15 +1032,103 @@ def test_queue_fields_time_estimate(impl: Any, parameters: Any, expected: int) -
     assert expected == v09.time_estimate(parameters)
 
 
+# -- pass-through values the receiver's loader refuses -----------------------------------
+#
+# A pass-through value is forwarded byte for byte to a peer that decodes it with its own
+# msgpack (0.5: msgpack 0.6, ``encoding="utf8", use_list=False``, i.e. ``raw=False`` and
+# any map key; 0.9: msgpack 1.x, ``use_list=False, strict_map_key=False``).  What that
+# loader raises on would stop the peer's receive loop, so the scanner refuses it
+# (``fuzz.receivers.receiver_loads`` is that loader; tests/fuzz/fuzz_wire.py checks it on
+# every splice the fuzzer finds).
+
+TS = b"\xd6\xff\x00\x00\x00\x01"  # timestamp32: 1 s
+REFUSED_VALUES = [
+    # (id, raw value, reason, or None if the dialect's loader accepts it), reason per dialect
+    ("bad utf-8 str", b"\xa3a\xffb", "invalid UTF-8 in a str", "invalid UTF-8 in a str"),
+    ("bad utf-8 str8", b"\xd9\x03\xed\xa0\x80", "invalid UTF-8 in a str", "invalid UTF-8 in a str"),
+    ("bad utf-8 deep in a map", b"\x81\xa1k\x91\x92\xc0\xa2\xc3\x28", "invalid UTF-8 in a str",
+     "invalid UTF-8 in a str"),
+    ("bad utf-8 map key", b"\x81\xa1\x80\xc0", "invalid UTF-8 in a str", "invalid UTF-8 in a str"),
+    ("bad utf-8 after ascii", b"\xd9\x28" + b"x" * 39 + b"\xff", "invalid UTF-8 in a str",
+     "invalid UTF-8 in a str"),
+    ("truncated utf-8 at end", b"\xd9\x22" + b"x" * 33 + b"\xe2", "invalid UTF-8 in a str",
+     "invalid UTF-8 in a str"),
+    ("map as key", b"\x81\x80\xc0", "map as a map key", "map as a map key"),
+    ("map in an array key", b"\x81\x92\x01\x81\xa1a\xc0\xc0", "map as a map key", "map as a map key"),
+    ("map16 as key", b"\x81\xde\x00\x00\xc0", "map as a map key", "map as a map key"),
+    ("map as 2nd key", b"\x82\x01\x02\x81\xa1a\x01\x03", "map as a map key", "map as a map key"),
+    ("ext -2", b"\xd4\xfe\x00", "reserved ext type -2", "reserved ext type -2"),
+    ("ext8 -128", b"\xc7\x00\x80", "reserved ext type -128", "reserved ext type -128"),
+    ("timestamp32", TS, "reserved ext type -1", None),
+    ("timestamp64", b"\xd7\xff" + ((999_999_999 << 34) | 5).to_bytes(8, "big"), "reserved ext type -1", None),
+    ("timestamp96", b"\xc7\x0c\xff" + (999_999_999).to_bytes(4, "big") + bytes(8), "reserved ext type -1",
+     None),
+    ("timestamp as key", b"\x81" + TS + b"\xc0", "reserved ext type -1", None),
+    ("timestamp of 3 bytes", b"\xc7\x03\xff\x00\x00\x00", "reserved ext type -1", "invalid timestamp"),
+    ("timestamp of 16 bytes", b"\xd8\xff" + bytes(16), "reserved ext type -1", "invalid timestamp"),
+    ("timestamp64 ns too big", b"\xd7\xff" + (10**9 << 34).to_bytes(8, "big"), "reserved ext type -1",
+     "invalid timestamp"),
+    ("timestamp96 ns too big", b"\xc7\x0c\xff" + (10**9).to_bytes(4, "big") + bytes(8),
+     "reserved ext type -1", "invalid timestamp"),
+    # Accepted by both loaders (hashable keys, application ext types, bin of any bytes).
+    ("array key", b"\x81\x92\x01\xa1a\xc0", None, None),
+    ("nested array key", b"\x81\x91\x91\x90\xc0", None, None),
+    ("int, nil, float keys", b"\x83\x01\xc0\xc0\xc0\xca\x00\x00\x00\x00\xc0", None, None),
+    ("map as value after array key", b"\x81\x91\x01\x81\xa1a\x80", None, None),
+    ("ext 127", b"\xd4\x7f\x00", None, None),
+    ("bin of any bytes", b"\xc4\x02\xff\xfe", None, None),
+    ("utf-8 of every length", b"\xaa" + "aé€𝄞".encode(), None, None),
+]
+
+
+def _refused_frames(raw: bytes, dialect: int) -> list[tuple[str, Any, tuple]]:
+    """Every pass-through field of both sides of ``dialect`` holding ``raw``: (what, call, args)."""
+    if dialect == V05:
+        client = [replace_value(new_job(), field, raw) for field in ("inputdata", "debug", "enable_network")]
+        agent = [replace_value(DONE, field, raw) for field in ("custom", "problems", "result", "stdout")]
+        agent.append(replace_value(hello(), "available_containers", b"\x81\xa1e" + raw))
+    else:
+        client = [replace_value(new_job_09(), field, raw)
+                  for field in ("inputdata", "task_problems", "environment_parameters", "debug")]
+        agent = [replace_value(job_done_09(), field, raw) for field in ("custom", "state", "tests")]
+    return ([("splice_new_job", frame, (frame, b"\x00k\x8bEg", dialect)) for frame in client]
+            + [("scan_agent", frame, (frame, dialect)) for frame in agent])
+
+
 @each_impl
-def test_values_msgpack_python_refuses(impl: Any) -> None:
-    """Well-formed msgpack that msgpack-python cannot decode (an ext -1 that is no
-    timestamp, a map as a map key): the estimate and the state fall back, nothing raises."""
-    for raw in (b"\xc7\x03\xff\x00\x00\x00", b"\x81\x80\xc0", b"\x81\x81\xa4time\x01\xc0"):
-        frame = replace_value(new_job_09(), "environment_parameters", raw)
-        assert impl.queue_fields(frame, V09)[4] == -1
-        frame = replace_value(new_job_09(), "inputdata", raw)
-        assert impl.submission_state(frame, V09) == ""
+@pytest.mark.parametrize("dialect", [V05, V09], ids=["0.5", "0.9"])
+@pytest.mark.parametrize(("raw", "reason05", "reason09"), [c[1:] for c in REFUSED_VALUES],
+                         ids=[c[0] for c in REFUSED_VALUES])
+def test_values_the_receivers_loader_refuses_are_refused(impl: Any, dialect: int, raw: bytes,
+                                                         reason05: str | None, reason09: str | None) -> None:
+    """Whatever the receiving peer's loader raises on is a WireError at scan time, with the
+    same reason in both twins; whatever it reads passes, and the spliced frame loads."""
+    reason = reason05 if dialect == V05 else reason09
+    for name, frame, args in _refused_frames(raw, dialect):
+        got = outcome(getattr(impl, name), *args)
+        if reason is not None:
+            assert got == ("error", reason), (name, frame)
+            continue
+        assert got[0] == "ok", (name, got)
+        out = impl.splice_new_job(*args) if name == "splice_new_job" else frame
+        receiver_loads(out, dialect)
+        if name == "scan_agent" and impl.scan_agent(frame, dialect)[0] == protocol.AGENT_JOB_DONE:
+            receiver_loads(impl.splice_job_done(frame, dialect), dialect)
+
+
+@each_impl
+@pytest.mark.parametrize("dialect", [V05, V09], ids=["0.5", "0.9"])
+@pytest.mark.parametrize("raw", [c[1] for c in REFUSED_VALUES if (c[2], c[3]) != (None, None)],
+                         ids=[c[0] for c in REFUSED_VALUES if (c[2], c[3]) != (None, None)])
+def test_the_refused_values_really_break_the_receiver(impl: Any, dialect: int, raw: bytes) -> None:
+    """The cases above are real: a frame holding one, as msgpack writes it, makes the
+    receiver's loader raise (when that dialect refuses it)."""
+    case = next(c for c in REFUSED_VALUES if c[1] == raw)
+    if case[2 if dialect == V05 else 3] is None:
+        pytest.skip("this dialect's receiver reads the value")
+    frame = replace_value(new_job(), "inputdata", raw)
+    with pytest.raises((ValueError, TypeError)):  # UnicodeDecodeError is a ValueError
+        receiver_loads(frame, dialect)
 
 
 STATE_CASES = [
