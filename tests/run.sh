@@ -45,4 +45,8 @@ if [ "$status05" -eq 5 ] && [ "$status09" -eq 5 ]; then
     echo "tests/run.sh: no test collected in either run" >&2
     exit 5
 fi
+# Bounded fuzzing (tests/fuzz/run.py: ~30 s per harness, FASTBACKEND_FUZZ_SECONDS to change it);
+# a finding fails the run.  atheris installs from a wheel.
+"$PY" -c "import atheris" 2>/dev/null || "$PY" -m pip install -q --disable-pip-version-check atheris
+"$PY" tests/fuzz/run.py
 FASTBACKEND_BENCH_SMOKE=1 "$PY" -m pytest -q benchmarks/ --benchmark-only -p no:cacheprovider
