@@ -11,7 +11,10 @@ import os
 SMOKE = os.environ.get("FASTBACKEND_BENCH_SMOKE", "") not in ("", "0")
 SCALE = float(os.environ.get("FASTBACKEND_BENCH_SCALE", "1"))
 ALLOW_DEBUG = os.environ.get("FASTBACKEND_BENCH_ALLOW_DEBUG", "") not in ("", "0")
-KIND_ORDER = ("stock", "fastbackend", "fastbackend-py", "ceiling")
+KIND_ORDER = ("stock", "fastbackend", "fastbackend-py", "ceiling", "slot-ceiling")
+#: The C ceilings (ceiling/forwarder.c, ceiling/slotbroker.c): no environments, no priorities,
+#: so no blocked-queue, memory or priority scenario for them (``queueing``).
+CEILINGS = ("ceiling", "slot-ceiling")
 DIALECTS = [d for d in os.environ.get("FASTBACKEND_BENCH_DIALECTS", "0.5,0.9").split(",") if d]
 #: The interpreter of each dialect's stock venv (stock/setup.sh, stock/setup-0.9.sh).
 STOCK_PYTHON_VARS = {"0.5": "FASTBACKEND_STOCK_PYTHON", "0.9": "FASTBACKEND_STOCK09_PYTHON"}
@@ -24,7 +27,7 @@ def scaled(default: float, smoke: float) -> float:
 
 def broker_kinds(dialect: str = "0.5") -> list[str]:
     """The brokers to run for ``dialect``: stock only when that dialect's stock venv is named."""
-    kinds = ["ceiling", "fastbackend"]
+    kinds = ["ceiling", "slot-ceiling", "fastbackend"]
     if os.environ.get("FASTBACKEND_BENCH_PURE", "1") not in ("", "0"):
         kinds.append("fastbackend-py")
     if os.environ.get(STOCK_PYTHON_VARS[dialect]):

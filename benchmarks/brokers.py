@@ -9,7 +9,11 @@ Three kinds of broker sit behind the same two addresses:
   ``stock/launch_stock.py``: 0.5 run by ``FASTBACKEND_STOCK_PYTHON`` (``stock/setup.sh``),
   0.9.2 by ``FASTBACKEND_STOCK09_PYTHON`` (``stock/setup-0.9.sh``);
 * ``ceiling``     -- ``ceiling/forwarder.c``, compiled here against pyzmq's own libzmq: it
-  forwards frames without decoding them, the best any broker could do on this machine.
+  forwards frames without decoding them, the best any broker could do on this machine;
+* ``slot-ceiling`` -- ``ceiling/slotbroker.c``, built the same way: a C broker that reads
+  each message's type, keeps agents' slots, a FIFO of waiting jobs and a job table, and
+  pings agents -- the floor for a broker that respects slots (see the file for what it
+  skips).
 
 Which fastbackend runs: the one this interpreter imports (an installed package, or the
 checkout when it is first on ``sys.path``), else the checkout holding these benchmarks.
@@ -45,6 +49,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 STOCK_LAUNCHER = HERE / "stock" / "launch_stock.py"
 FORWARDER_SOURCE = HERE / "ceiling" / "forwarder.c"
+SLOTBROKER_SOURCE = HERE / "ceiling" / "slotbroker.c"
+#: Each C ceiling's kind -> its source.
+CEILING_SOURCES = {"ceiling": FORWARDER_SOURCE, "slot-ceiling": SLOTBROKER_SOURCE}
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -145,15 +152,16 @@ def libzmq_path() -> Path:
     raise RuntimeError("cannot find the libzmq that pyzmq uses")
 
 
-def build_forwarder(out_dir: Path) -> Path:
-    """Compile ceiling/forwarder.c against pyzmq's libzmq; returns the executable."""
+def build_forwarder(out_dir: Path, source: Path = FORWARDER_SOURCE) -> Path:
+    """Compile a C ceiling (ceiling/forwarder.c by default) against pyzmq's libzmq; returns
+    the executable (named after the source)."""
     lib = libzmq_path()
-    exe = out_dir / "forwarder"
+    exe = out_dir / source.stem
     cc = os.environ.get("CC", "gcc")
     if shutil.which(cc) is None:
-        raise RuntimeError(f"the ceiling broker needs a C compiler ({cc})")
+        raise RuntimeError(f"the ceiling brokers need a C compiler ({cc})")
     subprocess.run(
-        [cc, "-O2", "-std=c11", "-Wall", "-o", str(exe), str(FORWARDER_SOURCE), str(lib),
+        [cc, "-O2", "-std=c11", "-Wall", "-o", str(exe), str(source), str(lib),
          f"-Wl,-rpath,{lib.parent}"],
         check=True,
     )
@@ -221,6 +229,8 @@ def describe_label(kind: str, info: dict) -> str:
     """A table column's name for the broker ``kind`` as :func:`BrokerFactory.describe` found it."""
     if kind == "ceiling":
         return f"ceiling [C, libzmq {info.get('libzmq', '?')}]"
+    if kind == "slot-ceiling":
+        return f"C slot ceiling [libzmq {info.get('libzmq', '?')}]"
     if kind == "stock":
         return f"stock {info.get('inginious', '?')} [asyncio]"
     cores = set(info.get("core", {}).values())
@@ -238,11 +248,11 @@ def describe_label(kind: str, info: dict) -> str:
 
 
 class BrokerFactory:
-    """Knows how to start each kind of broker; builds the ceiling once per session."""
+    """Knows how to start each kind of broker; builds each C ceiling once per session."""
 
     def __init__(self, work_dir: Path) -> None:
         self.work_dir = work_dir
-        self._forwarder: Path | None = None
+        self._ceilings: dict[str, Path] = {}
         self.stock_python = {d: os.environ.get(var) or None for d, var in STOCK_PYTHON_VARS.items()}
         self.source = fastbackend_source()
         self._described: dict[tuple[str, str], dict] = {}
@@ -250,10 +260,10 @@ class BrokerFactory:
     def command(self, kind: str, agent_addr: str, client_addr: str,
                 dialect: str = "0.5") -> tuple[list[str], dict[str, str]]:
         env = dict(os.environ)
-        if kind == "ceiling":
-            if self._forwarder is None:
-                self._forwarder = build_forwarder(self.work_dir)
-            return [str(self._forwarder), agent_addr, client_addr], env
+        if kind in CEILING_SOURCES:
+            if kind not in self._ceilings:
+                self._ceilings[kind] = build_forwarder(self.work_dir, CEILING_SOURCES[kind])
+            return [str(self._ceilings[kind]), agent_addr, client_addr], env
         if kind in ("fastbackend", "fastbackend-py"):
             if self.source is not None:
                 env["PYTHONPATH"] = os.pathsep.join([str(self.source), env.get("PYTHONPATH", "")]).rstrip(
@@ -281,7 +291,7 @@ class BrokerFactory:
         key = (kind, dialect if kind == "stock" else "")
         if key in self._described:
             return self._described[key]
-        if kind == "ceiling":
+        if kind in CEILING_SOURCES:
             import zmq
 
             info = {"libzmq": zmq.zmq_version(), "library": str(libzmq_path())}

@@ -15,7 +15,7 @@ Knobs (environment variables):
 * ``FASTBACKEND_BENCH_SUMMARY=PATH`` also write the summary tables (markdown) to PATH;
 * ``FASTBACKEND_BENCH_PURE=0``    leave out the pure-Python build of fastbackend;
 * ``FASTBACKEND_BENCH_KINDS=a,b`` run only these brokers (stock, fastbackend,
-  fastbackend-py, ceiling).
+  fastbackend-py, ceiling, slot-ceiling).
 
 Every end-to-end test records its figures in a session registry; the tables printed at
 the end of the run (one per dialect, and one of fastbackend's 0.9 against its 0.5 figures)
@@ -36,7 +36,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_config import DIALECTS, KIND_ORDER, SCALE, SMOKE, broker_kinds  # noqa: E402
+from bench_config import CEILINGS, DIALECTS, KIND_ORDER, SCALE, SMOKE, broker_kinds  # noqa: E402
 from brokers import BrokerFactory  # noqa: E402
 
 
@@ -88,11 +88,16 @@ class Registry:
         rows = [r for r in self.rows.values() if r.dialect == dialect]
         kinds = [k for k in KIND_ORDER if any(k in r.values for r in rows)]
         header = ["scenario", "figure"] + [self.column(dialect, k) for k in kinds] + ["fastbackend vs stock"]
+        floor = "slot-ceiling" in kinds and "fastbackend" in kinds
+        if floor:
+            header.append("fastbackend / slot ceiling")
         body = []
         for row in rows:
             cells = [row.scenario, f"{row.name} ({row.unit})" if row.unit else row.name]
             cells += [fmt(row.values.get(k)) for k in kinds]
             cells.append(ratio(row))
+            if floor:
+                cells.append(quotient(row.values.get("fastbackend"), row.values.get("slot-ceiling")))
             body.append(cells)
         return markdown(header, body)
 
@@ -166,6 +171,13 @@ def relative(new, old, higher_is_better: bool) -> str:
     return f"{new / old:.2f}x" if higher_is_better else f"{old / new:.2f}x"
 
 
+def quotient(value, floor) -> str:
+    """``value / floor`` (fastbackend's figure over the slot-aware C ceiling's), or "-"."""
+    if not isinstance(value, (int, float)) or not isinstance(floor, (int, float)) or floor <= 0:
+        return "-"
+    return f"{value / floor:.2f}x"
+
+
 def ratio(row: Figure) -> str:
     """How many times better fastbackend is than stock on this figure."""
     fast, stock = row.values.get("fastbackend"), row.values.get("stock")
@@ -194,7 +206,7 @@ def broker_factory(tmp_path_factory: pytest.TempPathFactory) -> BrokerFactory:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # Tests asking for ``dialect`` and ``broker_kind`` run once per dialect and broker (the
     # stock broker of a dialect only when its venv is named); a scenario that makes no sense
-    # for the ceiling (it keeps no queue) says so with ``@pytest.mark.queueing``, one that
+    # for the ceilings (no environments, no priorities) says so with ``@pytest.mark.queueing``, one that
     # exists in some dialects only with ``@pytest.mark.dialects("0.9")``.
     names = metafunc.fixturenames
     if "broker_kind" not in names:
@@ -205,7 +217,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     cases = []
     for dialect in dialects:
         for kind in broker_kinds(dialect):
-            if queueing and kind == "ceiling":
+            if queueing and kind in CEILINGS:
                 continue
             cases.append((dialect, kind))
     if "dialect" in names:

@@ -2,7 +2,7 @@
 
 Each test runs in each dialect (``dialect``: "0.5" for INGInious 0.5, "0.9" for 0.7-0.9.2)
 and starts one broker (``broker_kind``: stock -- 0.5 or 0.9.2, the dialect's own --,
-fastbackend, fastbackend-py, ceiling), attaches agents, clients and a heartbeat client from
+fastbackend, fastbackend-py, ceiling, slot-ceiling), attaches agents, clients and a heartbeat client from
 ``loadgen.py``, all speaking that dialect, runs one measured
 operation inside ``benchmark.pedantic`` (one round: these are load tests, not
 micro-benchmarks), and records its figures both in ``benchmark.extra_info`` (so
@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from bench_config import DIALECTS, SCALE, SMOKE, broker_kinds, scaled
+from bench_config import CEILINGS, DIALECTS, SCALE, SMOKE, broker_kinds, scaled
 from harness import LoadSession
 from loadgen import BLOCKED_ENVIRONMENT
 
@@ -58,8 +58,8 @@ class Scenario:
         """Client ping->pong round trips during the scenario, and agents the broker let go.
 
         An agent counts as dropped when it heard no ping for more than 6 s: the broker
-        then considers it dead, and a real agent restarts itself after 10 s.  The ceiling
-        pings nobody, so it has no figure there.
+        then considers it dead, and a real agent restarts itself after 10 s.  The forwarding
+        ceiling pings nobody, so it has no figure there (the slot ceiling pings every second).
         """
         self.figure("heartbeat p50", "ms", hb["p50_ms"])
         self.figure("heartbeat p99", "ms", hb["p99_ms"])
@@ -175,7 +175,7 @@ def blocked_cases() -> list:
     cases = []
     for dialect in DIALECTS:
         for kind in broker_kinds(dialect):
-            if kind == "ceiling":
+            if kind in CEILINGS:
                 continue
             for k in BLOCKED:
                 if kind == "stock" and k > STOCK_MAX_BLOCKED[dialect]:
