@@ -200,18 +200,20 @@ typedef struct {
     long slots;
 } scan_t;
 
-static const struct { const char *name; int type; } TYPES[] = {
-    {"client_hello", T_CLIENT_HELLO}, {"ClientHello", T_CLIENT_HELLO},
-    {"client_new_job", T_NEW_JOB}, {"ClientNewJob", T_NEW_JOB},
-    {"ping", T_PING}, {"Ping", T_PING}, {"pong", T_PONG}, {"Pong", T_PONG},
-    {"agent_hello", T_AGENT_HELLO}, {"AgentHello", T_AGENT_HELLO},
-    {"agent_job_started", T_STARTED}, {"AgentJobStarted", T_STARTED},
-    {"agent_job_done", T_DONE}, {"AgentJobDone", T_DONE},
+#define TYPE(name, type) {name, sizeof name - 1, type}
+static const struct { const char *name; size_t len; int type; } TYPES[] = {
+    /* the per-job ones first */
+    TYPE("client_new_job", T_NEW_JOB), TYPE("ClientNewJob", T_NEW_JOB),
+    TYPE("agent_job_started", T_STARTED), TYPE("AgentJobStarted", T_STARTED),
+    TYPE("agent_job_done", T_DONE), TYPE("AgentJobDone", T_DONE),
+    TYPE("ping", T_PING), TYPE("Ping", T_PING), TYPE("pong", T_PONG), TYPE("Pong", T_PONG),
+    TYPE("client_hello", T_CLIENT_HELLO), TYPE("ClientHello", T_CLIENT_HELLO),
+    TYPE("agent_hello", T_AGENT_HELLO), TYPE("AgentHello", T_AGENT_HELLO),
 };
 
 static int type_of(const unsigned char *s, size_t len) {
     for (size_t i = 0; i < sizeof TYPES / sizeof TYPES[0]; i++)
-        if (strlen(TYPES[i].name) == len && memcmp(TYPES[i].name, s, len) == 0) return TYPES[i].type;
+        if (TYPES[i].len == len && memcmp(TYPES[i].name, s, len) == 0) return TYPES[i].type;
     return T_UNKNOWN;
 }
 
