@@ -160,6 +160,8 @@ class BrokerLogic:
         self.dropped_by: Counter[str] = Counter()
         self.finished_by: Counter[tuple[int, str]] = Counter()
         self.removed_by: Counter[str] = Counter()
+        # Agents a send found gone (their connection closed); removed by drop_disconnected_agents.
+        self.agents_gone: set[bytes] = set()
         self.snapshot: QueueSnapshot | None = None
         self.log_jobs = logger.isEnabledFor(logging.DEBUG)
         self._summary_at = time.monotonic()
@@ -208,6 +210,36 @@ class BrokerLogic:
         if side == "client":
             # Its identity will never come back (a reconnecting peer gets a new one).
             self.clients.pop(ident, None)
+        elif ident in self.agents:
+            # ROUTER_MANDATORY fails a send only when the peer's pipe is gone, and libzmq ends
+            # a pipe only when its connection closed: this agent left for good (a live agent's
+            # send succeeds, whatever its load).  Removed later, by drop_disconnected_agents,
+            # not here: this hook runs inside the core's sends (a dispatch, say).
+            self.agents_gone.add(ident)
+
+    def drop_disconnected_agents(self, probe: bool = False) -> int:
+        """Remove the agents whose connection closed; each job they ran ends with a crash result.
+
+        With ``probe``, first ping every agent (the server does it when the agent socket's
+        monitor reports a closed connection: the event names a file descriptor, not an
+        agent); a ping to a live agent is harmless, it answers it.  An agent is removed
+        only if a ping sent here fails too, so a peer whose fixed identity has connected
+        again since its first failed send stays.  Returns how many agents were removed.
+        """
+        suspects, self.agents_gone = self.agents_gone, set()
+        for ident in list(self.agents) if probe else suspects:
+            agent = self.agents.get(ident, -1)
+            if agent >= 0:
+                # A failed send puts ident back into self.agents_gone (see unreachable).
+                self.send_agent(ident, DIALECTS[self.agent_dialect[agent]].ping_frame)
+        gone, self.agents_gone = self.agents_gone, set()
+        removed = 0
+        for ident in gone:
+            agent = self.agents.get(ident, -1)
+            if agent >= 0:
+                self.remove_agent(agent, "lost its connection", "disconnected")
+                removed += 1
+        return removed
 
     # -- clients ------------------------------------------------------------------
 

@@ -132,7 +132,7 @@ class BrokerCollector:
         yield dropped
         removed = core.CounterMetricFamily("fastbackend_agents_removed", "Agents removed, by reason.",
                                            labels=["reason"])
-        for reason in ("missed_pings", "hello_again"):
+        for reason in ("missed_pings", "hello_again", "disconnected"):
             removed.add_metric([reason], broker.removed_by[reason])
         yield removed
         refused = core.CounterMetricFamily("fastbackend_connections_refused",

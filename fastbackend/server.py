@@ -12,6 +12,17 @@ have changed, and any operation on the socket (a send included) can consume that
 edge while messages still wait.  Every drain therefore ends by reading
 ``ZMQ_EVENTS`` of both sockets, and every send made outside a drain (the heartbeat)
 is followed by a drain.
+
+An agent whose connection closes (its process killed, its host rebooted) is removed at
+once, its running jobs ended with a crash result, instead of after six missed pings as
+in stock: a libzmq monitor on the agent socket reports each closed connection, and the
+broker then pings every agent (``Broker.drop_disconnected_agents``).  The socket is
+ROUTER_MANDATORY, so a send fails with EHOSTUNREACH exactly when the peer's pipe is
+gone; a live agent's pipe exists whatever its load, so it is never removed this way.
+The event can come a little before libzmq ends the pipe, hence a few probe rounds
+(:data:`PROBE_DELAYS`); the heartbeat's own pings catch any agent they miss within a
+second.  A peer that vanishes without closing (a network partition, a frozen process)
+is still removed by the missed pings, as in stock.
 """
 
 from __future__ import annotations
@@ -44,6 +55,21 @@ BATCH = 256
 #: Jobs of a queue snapshot listed per loop turn.
 SNAPSHOT_SLICE = 5000
 HEARTBEAT_PERIOD = 1.0
+#: After the monitor reports a closed agent connection, probe rounds this long after it (s).
+PROBE_DELAYS = (0.0, 0.01, 0.05, 0.2)
+#: After a probe sequence that did not account for every closed connection (peers that were
+#: no agent: never said hello, or already removed), the next one waits this long (s): a
+#: flood of connections opened and closed on the agent port costs at most a few pings per
+#: agent per second.  The heartbeat's pings still find a closed agent within a second.
+PROBE_SPACING = 0.5
+#: ZMTP heartbeats on agent connections: libzmq pings each connection every
+#: ``AGENT_ZMTP_HEARTBEAT[0]`` ms and closes one silent for ``AGENT_ZMTP_HEARTBEAT[1]`` ms
+#: (any frame, a pong included, counts).  The broker's own pings decide removals (six missed,
+#: 6-7 s, as stock); the timeout is longer, so that a network cut shorter than the ping
+#: budget never removes an agent, and only reclaims a connection nobody answers on (the
+#: real agent restarts on a new connection after 10 s without a ping), rather than
+#: leaving a half-open TCP connection to a vanished host for TCP's own ~15 minutes.
+AGENT_ZMTP_HEARTBEAT = (1000, 10000)
 SUMMARY_PERIOD = 30.0
 
 
@@ -103,7 +129,7 @@ def log_like_inginious() -> bool:
 
 
 def make_router(context: zmq.Context, address: str, role: str = "",
-                zap_domain: bytes | None = None) -> zmq.Socket:
+                zap_domain: bytes | None = None, heartbeat: tuple[int, int] | None = None) -> zmq.Socket:
     """A ROUTER socket set up so that it never drops a frame silently.
 
     ROUTER drops frames for a peer whose pipe is full (send high-water mark, 1000 by
@@ -113,7 +139,9 @@ def make_router(context: zmq.Context, address: str, role: str = "",
     is refused by libzmq itself, before it is buffered.
 
     ``zap_domain`` makes every connection ask the ZAP handler (the allowlist) first;
-    ``role`` ("agent", "client") names the address in a bind error.
+    ``role`` ("agent", "client") names the address in a bind error.  ``heartbeat``: ZMTP
+    heartbeat (interval, timeout) in ms.  All are set before the bind: libzmq's listener
+    copies the options then, for every connection it accepts.
     """
     socket = context.socket(zmq.ROUTER)
     socket.ipv6 = True
@@ -122,6 +150,9 @@ def make_router(context: zmq.Context, address: str, role: str = "",
     socket.setsockopt(zmq.LINGER, 1000)
     # libzmq disconnects a peer that announces a larger frame before buffering it.
     socket.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_SIZE)
+    if heartbeat is not None:
+        socket.setsockopt(zmq.HEARTBEAT_IVL, heartbeat[0])
+        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat[1])
     if zap_domain is not None:
         socket.setsockopt(zmq.ZAP_DOMAIN, zap_domain)
         # Without a handler, refuse (libzmq would otherwise let NULL connections in).
@@ -197,6 +228,12 @@ class Backend:
         self._timers: list[asyncio.TimerHandle] = []
         self._next_beat = 0.0
         self._idle_done = 0
+        self._monitor: zmq.Socket | None = None
+        self._probe_handle: asyncio.TimerHandle | None = None
+        self._probe_round = 0
+        self._probe_quiet_until = float("-inf")
+        self._probe_again = False
+        self._probe_unmatched = 0
         #: The addresses really bound (``tcp://…:*`` resolved to its port), once running.
         self.agent_endpoint: str | None = None
         self.client_endpoint: str | None = None
@@ -222,7 +259,8 @@ class Backend:
                 zap.release()
 
     async def _serve(self, domains: dict[str, bytes]) -> None:
-        agent_socket = make_router(self._context, self._agent_addr, "agent", domains.get("agent"))
+        agent_socket = make_router(self._context, self._agent_addr, "agent", domains.get("agent"),
+                                   AGENT_ZMTP_HEARTBEAT)
         try:
             client_socket = make_router(self._context, self._client_addr, "client", domains.get("client"))
         except BaseException:
@@ -252,6 +290,9 @@ class Backend:
                 client_socket.close(0)
                 raise
             logger.info("metrics on http://%s/metrics", self.metrics_endpoint)
+        self._monitor = agent_socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        monitor_fd = self._monitor.getsockopt(zmq.FD)
+        self._loop.add_reader(monitor_fd, self._on_monitor)
         fds = [agent_socket.getsockopt(zmq.FD), client_socket.getsockopt(zmq.FD)]
         for fd in fds:
             self._loop.add_reader(fd, self._pump)
@@ -259,6 +300,7 @@ class Backend:
         self._timers = [self._loop.call_at(self._next_beat, self._heartbeat),
                         self._loop.call_later(self._summary_period, self._summary)]
         self._pump()  # messages may have arrived before the readers were added
+        self._on_monitor()
         try:
             await self._loop.create_future()
         except asyncio.CancelledError:
@@ -266,6 +308,12 @@ class Backend:
         finally:
             for fd in fds:
                 self._loop.remove_reader(fd)
+            self._loop.remove_reader(monitor_fd)
+            if self._probe_handle is not None:
+                self._probe_handle.cancel()
+            agent_socket.disable_monitor()
+            self._monitor.close(0)
+            self._monitor = None
             for timer in self._timers:
                 timer.cancel()
             if self._pump_handle is not None:
@@ -279,6 +327,9 @@ class Backend:
     def _pump(self) -> None:
         self._pump_handle = None
         more = self.broker.drain(BATCH)
+        if self.broker.agents_gone:
+            # A send of this batch (a dispatch) found an agent gone.
+            self.broker.drop_disconnected_agents()
         # Slow work advances a slice per turn, between batches of messages.
         more = self.broker.background(SNAPSHOT_SLICE) or more
         if more and self._pump_handle is None:
@@ -296,7 +347,58 @@ class Backend:
             self.broker.heartbeat()
         except Exception:
             logger.exception("heartbeat failed")
+        self._pump()  # drops the agents whose ping found them gone
+
+    def _on_monitor(self) -> None:
+        # The monitor's descriptor is edge-triggered like the others: read until EVENTS says empty.
+        closed = 0
+        monitor = self._monitor
+        while monitor is not None and monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            frames = monitor.recv_multipart(zmq.NOBLOCK)
+            # [event (uint16) + value (uint32, here the fd), endpoint], in native byte order.
+            event = frames[0] if len(frames) == 2 and len(frames[0]) == 6 else b"\0\0"
+            if int.from_bytes(event[:2], sys.byteorder) == zmq.EVENT_DISCONNECTED:
+                closed += 1
+                logger.debug("an agent connection closed (fd %d)", int.from_bytes(event[2:], sys.byteorder))
+        if not closed or not self.broker.agents:
+            return
+        self._probe_unmatched += closed
+        if self._probe_handle is not None:
+            self._probe_again = True
+        else:
+            self._start_probe()
+
+    def _start_probe(self) -> None:
+        self._probe_again = False
+        self._probe_round = 0
+        start = max(self._loop.time(), self._probe_quiet_until)
+        self._probe_handle = self._loop.call_at(start + PROBE_DELAYS[0], self._probe)
+
+    def _probe(self) -> None:
+        """One probe round after a closed agent connection (see the module docstring)."""
+        self._probe_handle = None
+        # Reading EVENTS makes libzmq process its pending commands (an ended pipe among
+        # them) now, not at its next throttled chance.
+        self.broker.agent_socket.getsockopt(zmq.EVENTS)
+        try:
+            self._probe_unmatched -= self.broker.drop_disconnected_agents(probe=True)
+        except Exception:
+            logger.exception("probing the agents failed")
         self._pump()
+        self._probe_round += 1
+        if self._probe_unmatched > 0 and self._probe_round < len(PROBE_DELAYS) and self.broker.agents:
+            # Connections closed that no removal accounts for yet: probe again, a bit later.
+            delay = PROBE_DELAYS[self._probe_round] - PROBE_DELAYS[self._probe_round - 1]
+            self._probe_handle = self._loop.call_later(delay, self._probe)
+        else:
+            if self._probe_unmatched > 0:
+                # Closed connections of peers that were no agent (never said hello, or already
+                # removed) match no removal: forget them, and hold the next sequence back.
+                self._probe_quiet_until = self._loop.time() + PROBE_SPACING
+            if self._probe_again and self._probe_unmatched > 0 and self.broker.agents:
+                self._start_probe()
+            else:
+                self._probe_unmatched = 0
 
     def _summary(self) -> None:
         self._timers[1] = self._loop.call_later(self._summary_period, self._summary)

@@ -43,7 +43,8 @@ from peers.broker import CONFIGS, DEFAULT_CONFIGS, STOCK_CONFIGS, BrokerProcess
 STOCK = os.environ.get("FASTBACKEND_TEST_STOCK", "") not in ("", "0")
 
 #: The modules of the INGInious 0.9.2 run (every other test module is the 0.5 run's).
-MODULES_09 = frozenset({"test_conformance_09.py", "test_mixed_dialects.py"})
+MODULES_09 = frozenset({"test_conformance_09.py", "test_mixed_dialects.py", "test_crash_delay.py",
+                        "test_partitions.py"})
 #: Of those, the ones that make sense against the stock 0.9.2 backend.
 STOCK_MODULES_09 = frozenset({"test_conformance_09.py"})
 
