@@ -82,10 +82,11 @@ def component(obj: str) -> str:
 # ----------------------------------------------------------------------------- callgrind
 
 def parse_callgrind(path: str) -> collections.Counter:
-    """Exclusive Ir per object of one callgrind dump (a call line's inclusive cost skipped)."""
+    """Exclusive Ir per (object, function) of one callgrind dump (a call line's inclusive
+    cost skipped)."""
     names: dict[str, str] = {}
     costs: collections.Counter = collections.Counter()
-    obj = "?"
+    obj = fn = "?"
     skip_next = False
     events_at = 1  # cost lines: position(s) then events; Ir is the first event
 
@@ -106,10 +107,12 @@ def parse_callgrind(path: str) -> collections.Counter:
                     continue
                 parts = line.split()
                 if len(parts) > events_at:
-                    costs[obj] += int(parts[events_at])
+                    costs[obj, fn] += int(parts[events_at])
                 continue
             if line.startswith("ob="):
                 obj = resolve(line[3:].strip())
+            elif line.startswith("fn="):
+                fn = resolve(line[3:].strip())
             elif line.startswith("calls="):
                 skip_next = True
             elif line.startswith("positions:"):
@@ -238,8 +241,11 @@ def run_one(factory: BrokerFactory, kind: str, dialect: str, tool: str, args, ou
             subprocess.run(["callgrind_control", "-d", str(broker.pid)], check=True,
                            capture_output=True, timeout=120)
             dumps = callgrind_dumps(out_dir, broker.pid)
-            result["threads"] = {t: {k: v / done for k, v in _by_component(parse_callgrind(p)).items()}
-                                 for t, p in sorted(dumps.items())}
+            parsed = {t: parse_callgrind(p) for t, p in sorted(dumps.items())}
+            result["threads"] = {t: {k: v / done for k, v in _by_component(c).items()}
+                                 for t, c in parsed.items()}
+            result["top"] = [(component(obj), fn, ir / done) for (obj, fn), ir in
+                             parsed.get(1, collections.Counter()).most_common(args.top)]
         else:
             end(strace, signal.SIGINT)
             strace = None
@@ -261,7 +267,7 @@ def run_one(factory: BrokerFactory, kind: str, dialect: str, tool: str, args, ou
 
 def _by_component(costs: collections.Counter) -> collections.Counter:
     out: collections.Counter = collections.Counter()
-    for obj, ir in costs.items():
+    for (obj, _fn), ir in costs.items():
         out[component(obj)] += ir
     return out
 
@@ -297,6 +303,13 @@ def report(results: list[dict]) -> list[str]:
                 if n != 1 and sum(t.values()) > 1:
                     body2.append([r["kind"], r["dialect"], str(n)] + [fmt(t.get(c, 0)) for c in comps])
         lines += md(header2, body2) + [""]
+        n_top = len(cg[0].get("top", []))
+        lines += [f"Main thread's {n_top} costliest functions (exclusive Ir per job):", ""]
+        body3 = []
+        for r in cg:
+            top = "; ".join(f"{fn} [{comp}] {fmt(ir)}" for comp, fn, ir in r.get("top", []))
+            body3.append([r["kind"], r["dialect"], top])
+        lines += md(["broker", "dialect", "functions"], body3) + [""]
     st = [r for r in results if r["tool"] == "strace"]
     if st:
         lines += ["### Syscalls per job (strace -f, per thread)", ""]
@@ -332,6 +345,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1_000)
     p.add_argument("--window", type=int, default=64, help="closed loop: unfinished jobs per client socket")
     p.add_argument("--rate", type=float, default=0.0, help="open loop at this many jobs/s instead")
+    p.add_argument("--top", type=int, default=8, help="list the main thread's N costliest functions")
     p.add_argument("--out", default="", help="folder for dumps and logs (default: a new temporary one)")
     p.add_argument("--summary", default="", help="also write the tables (markdown) here")
     args = p.parse_args()
