@@ -24,7 +24,10 @@ def twin(name: str) -> tuple[ModuleType, str]:
     if not no_extensions():
         try:
             return importlib.import_module(f"fastbackend._{name}_c"), "c"
-        except ImportError as exc:
+        # A missing build raises ImportError; a stale one (built against an older .pxd of
+        # another twin) raises TypeError, AttributeError or ValueError as Cython checks the
+        # C signatures and struct sizes it imports.  Either way: loud, then the pure twin.
+        except (ImportError, AttributeError, TypeError, ValueError) as exc:
             logging.getLogger(f"fastbackend.{name}").warning(
                 "fastbackend._%s_c failed to import (%s): using the much slower pure-Python twin; "
                 "build the extensions, or set FASTBACKEND_NO_EXTENSIONS=1 to choose it", name, exc,
