@@ -139,6 +139,8 @@ def test_counters_match_the_jobs_run_in_both_dialects(broker, zctx, metrics_port
     assert value(samples, "fastbackend_clients", dialect="0.9") == 1
     assert value(samples, "fastbackend_frames_dropped_total", reason="malformed") == 1
     assert value(samples, "fastbackend_agents_removed_total", reason="hello_again") == 1
+    assert value(samples, "fastbackend_agents_removed_total", reason="missed_pings") == 0
+    assert value(samples, "fastbackend_agents_removed_total", reason="disconnected") == 0
     # Wait times: every dispatched job; run times: every agent's result.
     assert value(samples, "fastbackend_job_wait_seconds_count", dialect="0.5") == 30
     assert value(samples, "fastbackend_job_wait_seconds_count", dialect="0.9") == 22
@@ -147,6 +149,13 @@ def test_counters_match_the_jobs_run_in_both_dialects(broker, zctx, metrics_port
     assert 0 < value(samples, "fastbackend_job_run_seconds_sum", dialect="0.5") < 30
     assert 0 <= value(samples, "fastbackend_heartbeat_lag_seconds") < 1
     assert len(peers) == 4
+    # An agent whose connection closes is removed at once, and counted so.
+    stray.close()
+    deadline = time.monotonic() + 5
+    while value(scrape(metrics_port), "fastbackend_agents_removed_total", reason="disconnected") < 1:
+        assert time.monotonic() < deadline, "the closed agent was never removed"
+        time.sleep(0.05)
+    assert value(scrape(metrics_port), "fastbackend_agents", dialect="0.5") == 1
 
 
 def test_scrape_with_a_big_queue_is_quick_and_keeps_heartbeats(broker, zctx, metrics_port) -> None:
