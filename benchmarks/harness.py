@@ -23,10 +23,10 @@ LOADGEN = Path(__file__).resolve().parent / "loadgen.py"
 class Peer:
     """A generator process spoken to by JSON lines on its stdin/stdout."""
 
-    def __init__(self, role: str, cfg: dict, ready_timeout: float = 30.0) -> None:
+    def __init__(self, role: str, cfg: dict, ready_timeout: float = 30.0, script: Path = LOADGEN) -> None:
         self.role = role
         self.proc = subprocess.Popen(
-            [sys.executable, str(LOADGEN), role, json.dumps(cfg)],
+            [sys.executable, str(script), role, json.dumps(cfg)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         self._selector = selectors.DefaultSelector()
@@ -89,10 +89,11 @@ class LoadSession:
     """One broker of ``kind`` plus the generator processes attached to it, all speaking
     ``dialect`` ("0.5" or "0.9")."""
 
-    def __init__(self, factory: BrokerFactory, kind: str, dialect: str = "0.5") -> None:
+    def __init__(self, factory: BrokerFactory, kind: str, dialect: str = "0.5",
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.kind = kind
         self.dialect = dialect
-        self.broker: Broker = factory.start(kind, dialect)
+        self.broker: Broker = factory.start(kind, dialect, extra_args)
         self.peers: list[Peer] = []
 
     # -- generator processes ------------------------------------------------------------
