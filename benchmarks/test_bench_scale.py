@@ -41,6 +41,10 @@ IDLE_S = scaled(5.0, 2.2)
 SOAK_JOBS = int(os.environ.get("FASTBACKEND_BENCH_SOAK_JOBS", "0")) or int(scaled(200_000, 20_000))
 STOCK_MAX_AGENTS = int(os.environ.get("FASTBACKEND_BENCH_STOCK_MAX_AGENTS", "1000"))
 STOCK_MAX_SOAK = int(os.environ.get("FASTBACKEND_BENCH_STOCK_MAX_SOAK", "50000"))
+#: Zero-time jobs of the spread measurement (default 10 per agent).
+SPREAD_JOBS = int(os.environ.get("FASTBACKEND_BENCH_SPREAD_JOBS", "0"))
+#: How long registration may take before the test goes on with the agents registered by then.
+REGISTER_TIMEOUT = float(os.environ.get("FASTBACKEND_BENCH_REGISTER_TIMEOUT", "60"))
 HAVE_METRICS = importlib.util.find_spec("prometheus_client") is not None
 
 
@@ -132,7 +136,7 @@ def merged_stats(peers: list[Peer], reset: bool = True) -> dict:
 def test_scale_agents(benchmark, broker_factory, registry, scale_dialect, scale_kind):
     """N idle agents: registration, idle CPU, ping regularity, then the spread of M jobs."""
     n = min(AGENTS, STOCK_MAX_AGENTS) if scale_kind == "stock" else AGENTS
-    jobs = 10 * n
+    jobs = SPREAD_JOBS or 10 * n
     sc = Scenario(benchmark, registry, f"{n:,} agents", scale_kind, scale_dialect, broker_factory)
     args, url = metrics_args(scale_kind)
     with LoadSession(broker_factory, scale_kind, scale_dialect, args) as s:
@@ -150,7 +154,9 @@ def test_scale_agents(benchmark, broker_factory, registry, scale_dialect, scale_
             for peer in peers:
                 out.setdefault("connect", []).append(peer.read(120))
             out["hellos_sent_s"] = time.monotonic() - t0
-            out["registered_s"] = (wait_metrics(url, "fastbackend_agents", n, 120) if url else None)
+            out["registered_s"] = (wait_metrics(url, "fastbackend_agents", n, REGISTER_TIMEOUT)
+                                   if url else None)
+            out["registered"] = scrape(url).get("fastbackend_agents")
             if out["registered_s"] is not None:
                 out["registered_s"] += out["hellos_sent_s"]
 
@@ -176,6 +182,8 @@ def test_scale_agents(benchmark, broker_factory, registry, scale_dialect, scale_
     cv = statistics.pstdev(per_agent) / mean if mean else None
     sc.figure("registration (every hello registered)", "s", out["registered_s"])
     sc.figure("registration (every agent pinged)", "s", first["all_pinged_s"])
+    if url:
+        sc.figure("agents registered", "", out["registered"])
     sc.figure("idle broker CPU", "% of a core", idle_cpu)
     sc.figure("ping interval p50", "ms", idle["ping_gaps"]["p50_ms"])
     sc.figure("ping interval p99", "ms", idle["ping_gaps"]["p99_ms"])
