@@ -28,8 +28,8 @@ from inginious.client.client import Client
 from inginious.common.message_meta import ZMQUtils
 from inginious.common.messages import AgentHello, AgentJobSSHDebug, AgentJobStarted, BackendNewJob
 
+from .real_common import FakeTaskFolder, wait_until
 from .real_common import run as run  # re-exported: the tests import it from here
-from .real_common import wait_until
 
 Behaviour = Callable[["ScriptedAgent", BackendNewJob], Awaitable[None]]
 
@@ -61,23 +61,13 @@ class FakeTask:
         return self.limits
 
 
-class _FakeTaskFolder:
-    """The agent checks that the task's folder exists before running a job: it always does."""
-
-    def from_subfolder(self, _name: str) -> _FakeTaskFolder:
-        return self
-
-    def exists(self) -> bool:
-        return True
-
-
 # -- the agent -------------------------------------------------------------------------------
 class ScriptedAgent(Agent):
     """A real INGInious 0.5 agent whose answer to each job is a test-chosen behaviour."""
 
     def __init__(self, context: zmq.asyncio.Context, backend_addr: str, name: str, slots: int,
                  environments: Iterable[str], behaviour: Behaviour) -> None:
-        super().__init__(context, backend_addr, name, slots, _FakeTaskFolder())
+        super().__init__(context, backend_addr, name, slots, FakeTaskFolder())
         self.name = name
         self.slots = slots
         self.behaviour = behaviour

@@ -38,7 +38,7 @@ from inginious.common.messages import (
     ZMQUtils,
 )
 
-from .real_common import once, run, wait_until
+from .real_common import FakeTaskFolder, once, run, wait_until
 
 __all__ = ["Behaviour", "FakeTask", "JobHandle", "JobResult", "Peers", "ScriptedAgent", "crash", "echo",
            "finish", "finish_then_stray", "hold", "run", "ssh_then_hold", "stop_client",
@@ -82,23 +82,13 @@ class FakeTask:
         return self.parameters
 
 
-class _FakeTaskFolder:
-    """The agent checks that the task's folder exists before running a job: it always does."""
-
-    def from_subfolder(self, _name: str) -> _FakeTaskFolder:
-        return self
-
-    def exists(self) -> bool:
-        return True
-
-
 # -- the agent -------------------------------------------------------------------------------
 class ScriptedAgent(Agent):
     """A real INGInious 0.9.2 agent whose answer to each job is a test-chosen behaviour."""
 
     def __init__(self, context: zmq.asyncio.Context, backend_addr: str, name: str, slots: int,
                  environments: Iterable[Environment], behaviour: Behaviour) -> None:
-        super().__init__(context, backend_addr, name, slots, _FakeTaskFolder())
+        super().__init__(context, backend_addr, name, slots, FakeTaskFolder())
         self.name = name
         self.slots = slots
         self.behaviour = behaviour

@@ -21,6 +21,16 @@ async def wait_until(predicate: Callable[[], Any], timeout: float, what: str = "
         await asyncio.sleep(interval)
 
 
+class FakeTaskFolder:
+    """The real agents check that a task's folder exists before running a job: it always does."""
+
+    def from_subfolder(self, _name: str) -> FakeTaskFolder:
+        return self
+
+    def exists(self) -> bool:
+        return True
+
+
 def run(coro: Awaitable[Any], timeout: float = 60.0) -> Any:
     """Run a test scenario on a fresh asyncio loop, bounded by ``timeout`` seconds."""
 
