@@ -216,14 +216,14 @@ cdef class BrokerCore:
                        fb_zmq_msg_t* body, str side) except -1:
         """Send [ident, body]; libzmq takes ``body`` on success, we close it otherwise."""
         cdef int err
-        if lz.send(handle, ident, ident_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0:
+        if _send_more(handle, ident, ident_len) < 0:
             err = lz.last_errno()
             lz.msg_close(body)
             if err == EHOSTUNREACH:
                 self.unreachable(side, PyBytes_FromStringAndSize(ident, ident_len))
                 return 0
             raise pyzmq.ZMQError(err)
-        if lz.msg_send(body, handle, ZMQ_DONTWAIT) < 0:
+        if _msg_send(body, handle) < 0:
             # Cannot happen after the identity frame went through (no high-water mark),
             # but never leave a half-sent message unexplained.
             err = lz.last_errno()
@@ -264,7 +264,7 @@ cdef class BrokerCore:
         while budget > 0:
             budget -= 1
             lz.msg_init(&ident)
-            if lz.msg_recv(&ident, handle, ZMQ_DONTWAIT) < 0:
+            if _msg_recv(&ident, handle) < 0:
                 err = lz.last_errno()
                 lz.msg_close(&ident)
                 if err == EAGAIN:
@@ -273,12 +273,12 @@ cdef class BrokerCore:
             # A ROUTER hands over whole messages: the rest is already here.
             lz.msg_init(&body)
             frames = 0
-            if lz.msg_more(&ident) and lz.msg_recv(&body, handle, ZMQ_DONTWAIT) >= 0:
+            if lz.msg_more(&ident) and _msg_recv(&body, handle) >= 0:
                 frames = 1
                 more = lz.msg_more(&body)
                 while more:  # frames a real peer never sends: counted, then dropped
                     lz.msg_init(&extra)
-                    if lz.msg_recv(&extra, handle, ZMQ_DONTWAIT) < 0:
+                    if _msg_recv(&extra, handle) < 0:
                         lz.msg_close(&extra)
                         break
                     frames += 1

@@ -12,7 +12,7 @@
 # so a pyzmq upgrade keeps working; a pyzmq whose libzmq does not export them makes
 # the import fail loudly and the broker use the pure-Python core.
 
-from libc.errno cimport EAGAIN, EHOSTUNREACH
+from libc.errno cimport EAGAIN, EHOSTUNREACH, EINTR
 
 cdef extern from "<dlfcn.h>" nogil:
     void* dlopen(const char* filename, int flags)
@@ -108,9 +108,54 @@ cdef int _load_libzmq() except -1:
 _load_libzmq()
 
 
+# A signal landing while libzmq polls its command mailbox makes a non-blocking call
+# fail with EINTR before it has taken or queued anything (libzmq's process_commands),
+# so the call is simply made again, as pyzmq does for its own sockets.  Treating EINTR
+# as an error would drop a message's tail (its body then read as the next identity)
+# or, from ZMQ_EVENTS, lose the edge-triggered wake-up.  Bounded: a process flooded
+# with signals gets the error after EINTR_RETRIES tries.
+DEF EINTR_RETRIES = 64
+
+
+cdef inline int _msg_recv(fb_zmq_msg_t* msg, void* socket) noexcept nogil:
+    cdef int tries = EINTR_RETRIES
+    cdef int rc = lz.msg_recv(msg, socket, ZMQ_DONTWAIT)
+    while rc < 0 and tries > 0 and lz.last_errno() == EINTR:
+        tries -= 1
+        rc = lz.msg_recv(msg, socket, ZMQ_DONTWAIT)
+    return rc
+
+
+cdef inline int _msg_send(fb_zmq_msg_t* msg, void* socket) noexcept nogil:
+    cdef int tries = EINTR_RETRIES
+    cdef int rc = lz.msg_send(msg, socket, ZMQ_DONTWAIT)
+    while rc < 0 and tries > 0 and lz.last_errno() == EINTR:
+        tries -= 1
+        rc = lz.msg_send(msg, socket, ZMQ_DONTWAIT)
+    return rc
+
+
+cdef inline int _send_more(void* socket, const char* data, size_t size) noexcept nogil:
+    cdef int tries = EINTR_RETRIES
+    cdef int rc = lz.send(socket, data, size, ZMQ_SNDMORE | ZMQ_DONTWAIT)
+    while rc < 0 and tries > 0 and lz.last_errno() == EINTR:
+        tries -= 1
+        rc = lz.send(socket, data, size, ZMQ_SNDMORE | ZMQ_DONTWAIT)
+    return rc
+
+
 cdef inline bint _has_input(void* socket) noexcept:
+    """True when a message waits.  When EINTR outlasts the retries, True as well: the
+    caller then drains (and meets the error there) rather than sleep past a wake-up.
+    Any other error (a closed socket at shutdown) means nothing to read."""
     cdef int events = 0
     cdef size_t size = sizeof(events)
-    if lz.getsockopt(socket, ZMQ_EVENTS, &events, &size) != 0:
-        return False
+    cdef int tries = EINTR_RETRIES
+    while lz.getsockopt(socket, ZMQ_EVENTS, &events, &size) != 0:
+        if lz.last_errno() != EINTR:
+            return False
+        if tries == 0:
+            return True
+        tries -= 1
+        size = sizeof(events)
     return (events & ZMQ_POLLIN) != 0
