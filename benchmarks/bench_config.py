@@ -18,6 +18,13 @@ CEILINGS = ("ceiling", "slot-ceiling")
 DIALECTS = [d for d in os.environ.get("FASTBACKEND_BENCH_DIALECTS", "0.5,0.9").split(",") if d]
 #: The interpreter of each dialect's stock venv (stock/setup.sh, stock/setup-0.9.sh).
 STOCK_PYTHON_VARS = {"0.5": "FASTBACKEND_STOCK_PYTHON", "0.9": "FASTBACKEND_STOCK09_PYTHON"}
+#: test_bench_ops.py: on/off pairs of the --metrics overhead measurement (alternating, since a
+#: shared machine drifts more between minutes than --metrics could cost), and how often the
+#: endpoint is scraped while a metrics-on run goes (seconds; 0: only once, at the end).
+METRICS_PAIRS = int(os.environ.get("FASTBACKEND_BENCH_METRICS_PAIRS", "0")) or (1 if SMOKE else 5)
+SCRAPE_INTERVAL = float(os.environ.get("FASTBACKEND_BENCH_SCRAPE_INTERVAL", "1"))
+#: test_bench_ops.py: jobs waiting when `fastbackend status` is timed (the issue's figure).
+STATUS_WAITING = int(os.environ.get("FASTBACKEND_BENCH_STATUS_WAITING", "0")) or (2_000 if SMOKE else 100_000)
 
 
 def scaled(default: float, smoke: float) -> float:
