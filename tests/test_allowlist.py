@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import msgpack
 import pytest
@@ -258,3 +258,52 @@ def test_serve_command_with_allowlists(tmp_path):
     done = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env, stdin=subprocess.DEVNULL)
     assert done.returncode == 2 and "'nonsense' is not an IPv4 or IPv6 network" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+#: The full matrix: for each list, which loopback sources it allows (True) or refuses (False).
+#: The first names the sources one by one; the second is an IPv4 network, which must not
+#: let an IPv6 peer in (``::1`` is not in 127.0.0.0/8, and no IPv4-mapped form is forged).
+MATRIX_LISTS = {
+    "127.0.0.2,::1": {ALLOWED: True, REFUSED: False, "::1": True},
+    "127.0.0.0/8": {ALLOWED: True, REFUSED: True, "::1": False},
+}
+
+
+def _matrix_cases() -> list:
+    return [pytest.param(side, dialect, allowlist, source, "allowed" if ok else "refused",
+                         id=f"{side}-{dialect}-{allowlist}-from-{source}-{'allowed' if ok else 'refused'}")
+            for side in ("agent", "client") for dialect in ("0.5", "0.9")
+            for allowlist, answers in MATRIX_LISTS.items() for source, ok in answers.items()]
+
+
+@pytest.fixture(scope="module")
+def matrix_backends() -> Iterator[dict[tuple[str, str], Backend]]:
+    """One Backend per (socket, list), listening dual-stack on both sockets with the list on
+    that socket only (so a refusal on the other socket would show as a wrong answer)."""
+    with ExitStack() as stack:
+        backends = {}
+        for allowlist in MATRIX_LISTS:
+            for side in ("agent", "client"):
+                # A context per Backend: the ZAP handler is one per context.
+                context = zmq.Context()
+                stack.callback(context.destroy, 0)
+                backends[side, allowlist] = stack.enter_context(
+                    running(context, "tcp://*:*", "tcp://*:*", **{f"allow_{side}s": allowlist}))
+        yield backends
+
+
+@pytest.mark.parametrize(("side", "dialect", "allowlist", "source", "expected"), _matrix_cases())
+def test_allowlist_matrix(ctx, matrix_backends, side, dialect, allowlist, source, expected):
+    """Source address x socket x dialect x list: served when allowed, nothing when refused,
+    and a refusal counted on that socket only."""
+    backend = matrix_backends[side, allowlist]
+    before = dict(backend.refused)
+    if side == "agent":
+        served = _agent_served(ctx, source, backend, dialect)
+    else:
+        served = _client_served(ctx, source, backend.client_endpoint, dialect)
+    assert served == (expected == "allowed")
+    other = "client" if side == "agent" else "agent"
+    assert backend.refused[other] == before[other] == 0
+    if expected == "refused":
+        assert backend.refused[side] > before[side]
