@@ -79,9 +79,15 @@ def _port(endpoint: str) -> str:
 
 
 def _dealer(ctx: zmq.Context, src: str, endpoint: str) -> zmq.Socket:
-    """A DEALER connected from source address ``src`` to the port of ``endpoint``."""
+    """A DEALER connected from source address ``src`` to the port of ``endpoint``.
+
+    Sends time out: once the broker has refused the handshake, libzmq drops the socket's
+    only pipe, and a send made after that (a loaded machine can delay it past the refusal)
+    would otherwise wait for ever.
+    """
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
+    sock.sndtimeo = int(SILENCE * 1000)
     sock.ipv6 = True
     dst = "[::1]" if ":" in src else "127.0.0.1"
     host = f"[{src}]" if ":" in src else src
@@ -89,8 +95,13 @@ def _dealer(ctx: zmq.Context, src: str, endpoint: str) -> zmq.Socket:
     return sock
 
 
-def _send(sock: zmq.Socket, message: dict) -> None:
-    sock.send(msgpack.packb(message, use_bin_type=True))
+def _send(sock: zmq.Socket, message: dict) -> bool:
+    """Send; False if the socket has no way to the broker any more (it was refused)."""
+    try:
+        sock.send(msgpack.packb(message, use_bin_type=True))
+    except zmq.Again:
+        return False
+    return True
 
 
 def _recv(sock: zmq.Socket, timeout: float) -> dict | None:
@@ -115,7 +126,8 @@ def _client_served(ctx: zmq.Context, src: str, endpoint: str, dialect: str) -> b
     """Does a client from ``src`` get the environment list in answer to its hello?"""
     sock = _dealer(ctx, src, endpoint)
     try:
-        _send(sock, CLIENT_HELLO[dialect])
+        if not _send(sock, CLIENT_HELLO[dialect]):
+            return False
         answer = _recv(sock, SILENCE)
         if answer is not None:
             assert answer.get("type", answer.get("@type")) == ENVIRONMENTS[dialect], answer
@@ -130,9 +142,9 @@ def _agent_served(ctx: zmq.Context, src: str, backend: Backend, dialect: str) ->
     agent = _dealer(ctx, src, backend.agent_endpoint)
     watcher = _dealer(ctx, "127.0.0.1" if ":" not in src else "::1", backend.client_endpoint)
     try:
-        _send(agent, _agent_hello(dialect, name))
-        pinged = _recv(agent, SILENCE + 1.0) is not None  # the broker pings every second
-        _send(watcher, CLIENT_HELLO[dialect])
+        # The broker pings every second; an agent whose hello could not even be sent is not.
+        pinged = _send(agent, _agent_hello(dialect, name)) and _recv(agent, SILENCE + 1.0) is not None
+        assert _send(watcher, CLIENT_HELLO[dialect]), "the watching client (always allowed) cannot send"
         envs = _recv(watcher, 5)
         assert envs is not None, "the watching client (always allowed) got no answer"
         listed = name in str(envs)

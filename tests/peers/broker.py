@@ -154,9 +154,15 @@ class BrokerProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=log,
                                          stdin=subprocess.DEVNULL)
-        self.wait_serving(timeout)
-        if not self.config.is_stock:
-            self.check_implementation()
+        try:
+            self.wait_serving(timeout)
+            if not self.config.is_stock:
+                self.check_implementation()
+        except BaseException:
+            # A broker that does not serve (or runs the wrong core) is ended here, by its
+            # PID: the caller never gets to stop what it was not handed.
+            self.stop()
+            raise
 
     def check_implementation(self) -> None:
         """Fail unless the broker runs the implementation asked for (a broken build must not
