@@ -8,7 +8,7 @@
 # check it (IndexError for a tag that names no dialect); the noexcept functions below
 # take it from a successful scan (s.dialect) or trust the caller to pass a valid one.
 
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t
 
 cdef enum:
     MAX_FIELDS = 16     # most top-level entries a frame may have
@@ -32,6 +32,21 @@ cdef struct Scan:
     Py_ssize_t val_end[MAX_FIELDS]     # end of its value (= key_start of the next entry)
     int field[MAX_FIELDS]         # index in the type's declaration order; -1 for the type key
 
+# The spans the new-job splice of a stored client_new_job frame needs (see plan_new_job):
+# the entries the dialect's rule changes, in frame order.  32 bytes, kept by each job.
+cdef enum:
+    PLAN_ENTRIES = 3    # the type key, the 0.5 job id, the dropped ones: 3 in both dialects
+    PLAN_TYPE = 0       # start: the value of the type key; end: its end
+    PLAN_PAIR = 1       # start, end: the job id's value, wrapped in [bin identity, value]
+    PLAN_DROP = 2       # start: the key of an entry left out; end: its value's end
+
+cdef struct NewJobPlan:
+    uint16_t out_fields
+    uint8_t n
+    uint8_t kind[PLAN_ENTRIES]
+    uint32_t start[PLAN_ENTRIES]
+    uint32_t end[PLAN_ENTRIES]
+
 # Check a whole frame from a client / an agent against the tables of `dialect` and fill
 # `out`.  Raise WireError (and return -1) when the frame is not a well-formed message
 # of that side, or WrongDialect(tag) (protocol.WrongDialect, a WireError) when the frame
@@ -49,6 +64,13 @@ cdef int scan_agent_c(int dialect, const char* buf, Py_ssize_t n, Scan* out) exc
 cdef Py_ssize_t new_job_size(const Scan* s, Py_ssize_t ident_len) noexcept
 cdef Py_ssize_t write_new_job(char* out, const char* buf, const Scan* s,
                               const char* ident, Py_ssize_t ident_len) noexcept
+# The plan of a client_new_job scan (0, or -1 if it cannot be planned: scan again then),
+# and the new-job splice of the scanned frame `buf` (`size` bytes) from its plan alone.
+cdef int plan_new_job(const Scan* s, NewJobPlan* plan) noexcept
+cdef Py_ssize_t planned_new_job_size(const char* buf, Py_ssize_t size, const NewJobPlan* plan, int dialect,
+                                     Py_ssize_t ident_len) noexcept
+cdef Py_ssize_t write_planned_new_job(char* out, const char* buf, Py_ssize_t size, const NewJobPlan* plan,
+                                      int dialect, const char* ident, Py_ssize_t ident_len) noexcept
 # s.type is AGENT_JOB_DONE or AGENT_JOB_SSH_DEBUG (the rule follows from it);
 # agent_to_client_size returns -1 for any other type.
 cdef Py_ssize_t agent_to_client_size(const Scan* s) noexcept
@@ -57,7 +79,11 @@ cdef Py_ssize_t write_agent_to_client(char* out, const char* buf, const Scan* s)
 cdef Py_ssize_t job_started_size(int dialect, Py_ssize_t job_id_len) noexcept
 cdef Py_ssize_t write_job_started(char* out, int dialect, const char* job_id, Py_ssize_t job_id_len) noexcept
 
-# The broker's dictionary key for a job (see wire.job_key).  0.5: 1 <= ident_len <= 255;
+# The broker's key for a job (see wire.job_key).  0.5: 1 <= ident_len <= 255;
 # 0.9: the identity is not part of the key (ident may be NULL, ident_len 0).
+# job_key_size bytes are written to `out` by write_job_key, which returns that length.
+cdef Py_ssize_t job_key_size(int dialect, Py_ssize_t ident_len, Py_ssize_t job_id_len) noexcept
+cdef Py_ssize_t write_job_key(char* out, int dialect, const char* ident, Py_ssize_t ident_len,
+                              const char* job_id, Py_ssize_t job_id_len) noexcept
 cdef bytes job_key_c(int dialect, const char* ident, Py_ssize_t ident_len,
                      const char* job_id, Py_ssize_t job_id_len)

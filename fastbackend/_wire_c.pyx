@@ -1048,6 +1048,88 @@ cdef Py_ssize_t write_new_job(char* out, const char* buf, const Scan* s,
     return _splice_write(out, buf, s, &_dialects[s.dialect].new_job, ident, ident_len)
 
 
+# -- the new-job splice of a stored frame, without a second scan ------------------------
+#
+# A job that waits is spliced later, from the frame its record keeps.  Rather than scan
+# that frame again (the largest share of a waiting job's cost), the broker keeps a
+# NewJobPlan made from the arrival scan: the entries the dialect's new-job rule changes
+# (the type key's, the 0.5 job id's, the dropped ones), in frame order.  Every byte
+# between them is copied as it is, as _splice_write does.
+
+cdef int plan_new_job(const Scan* s, NewJobPlan* plan) noexcept:
+    """Fill ``plan`` from a client_new_job scan; -1 if the rule changes more entries than a
+    plan holds (not so for any dialect's rule: the caller then scans again at dispatch)."""
+    cdef const SpliceRule* rule = &_dialects[s.dialect].new_job
+    cdef int i, field, n = 0, kind
+    for i in range(s.nfields):
+        field = s.field[i]
+        if field == TYPE_GID:
+            kind = PLAN_TYPE
+        elif field == 0 and rule.job_id == JOB_ID_PAIR:
+            kind = PLAN_PAIR
+        elif field == 0 and rule.job_id != JOB_ID_KEEP:
+            return -1  # a str rewrite: no new-job rule has one
+        elif (rule.drop >> field) & 1:
+            kind = PLAN_DROP
+        else:
+            continue
+        if n == PLAN_ENTRIES:
+            return -1
+        plan.kind[n] = <uint8_t>kind
+        plan.start[n] = <uint32_t>(s.key_start[i] if kind == PLAN_DROP else s.val_start[i])
+        plan.end[n] = <uint32_t>s.val_end[i]
+        n += 1
+    plan.n = <uint8_t>n
+    plan.out_fields = <uint16_t>(s.nfields - rule.ndrop)
+    return 0
+
+
+cdef inline Py_ssize_t _entries_start(const char* buf) noexcept:
+    """Where the first entry of a (scanned, so well-formed) map starts: after its header."""
+    cdef uchar lead = <uchar>buf[0]
+    return 3 if lead == 0xDE else 5 if lead == 0xDF else 1
+
+
+cdef Py_ssize_t planned_new_job_size(const char* buf, Py_ssize_t size, const NewJobPlan* plan, int dialect,
+                                     Py_ssize_t ident_len) noexcept:
+    """Length of the frame write_planned_new_job makes (= new_job_size of the arrival scan)."""
+    cdef const SpliceRule* rule = &_dialects[dialect].new_job
+    cdef Py_ssize_t out = _map_header_size(plan.out_fields) + size - _entries_start(buf)
+    cdef int i
+    for i in range(plan.n):
+        if plan.kind[i] == PLAN_TYPE:
+            out += _str_header_size(rule.out_type_len) + rule.out_type_len - (plan.end[i] - plan.start[i])
+        elif plan.kind[i] == PLAN_PAIR:
+            out += 1 + _bin_header_size(ident_len) + ident_len
+        else:
+            out -= plan.end[i] - plan.start[i]
+    return out
+
+
+cdef Py_ssize_t write_planned_new_job(char* out, const char* buf, Py_ssize_t size, const NewJobPlan* plan,
+                                      int dialect, const char* ident, Py_ssize_t ident_len) noexcept:
+    """Write backend_new_job from a stored client_new_job frame and its plan; the bytes are
+    those write_new_job writes from a scan of the same frame."""
+    cdef const SpliceRule* rule = &_dialects[dialect].new_job
+    cdef char* o = _put_map_header(out, plan.out_fields)
+    cdef Py_ssize_t run = _entries_start(buf)
+    cdef int i
+    for i in range(plan.n):
+        if plan.kind[i] == PLAN_TYPE:
+            o = _copy(o, buf, run, plan.start[i])  # the span and the type key
+            o = _put_type_name(o, rule.out_type, rule.out_type_len)
+        elif plan.kind[i] == PLAN_PAIR:
+            o = _copy(o, buf, run, plan.start[i])
+            o[0] = <char>0x92
+            o = _put_bin(o + 1, ident, ident_len)
+            o = _copy(o, buf, plan.start[i], plan.end[i])  # the client's job id, as encoded
+        else:
+            o = _copy(o, buf, run, plan.start[i])
+        run = plan.end[i]
+    o = _copy(o, buf, run, size)
+    return o - out
+
+
 cdef inline const SpliceRule* _agent_rule(const Scan* s) noexcept:
     if s.type == AGENT_JOB_DONE:
         return &_dialects[s.dialect].job_done
@@ -1088,22 +1170,27 @@ cdef Py_ssize_t write_job_started(char* out, int dialect, const char* job_id, Py
     return o - out
 
 
+cdef Py_ssize_t job_key_size(int dialect, Py_ssize_t ident_len, Py_ssize_t job_id_len) noexcept:
+    return 1 + job_id_len if dialect == V09 else 1 + ident_len + job_id_len
+
+
+cdef Py_ssize_t write_job_key(char* out, int dialect, const char* ident, Py_ssize_t ident_len,
+                              const char* job_id, Py_ssize_t job_id_len) noexcept:
+    """0.5: identity length byte, identity, job id; 0.9 (global ids): a zero byte, job id."""
+    if dialect == V09:
+        out[0] = 0
+        memcpy(out + 1, job_id, job_id_len)
+        return 1 + job_id_len
+    out[0] = <char><uchar>ident_len
+    memcpy(out + 1, ident, ident_len)
+    memcpy(out + 1 + ident_len, job_id, job_id_len)
+    return 1 + ident_len + job_id_len
+
+
 cdef bytes job_key_c(int dialect, const char* ident, Py_ssize_t ident_len,
                      const char* job_id, Py_ssize_t job_id_len):
-    """0.5: identity length byte, identity, job id; 0.9 (global ids): a zero byte, job id."""
-    cdef bytes key
-    cdef char* o
-    if dialect == V09:
-        key = PyBytes_FromStringAndSize(NULL, 1 + job_id_len)
-        o = PyBytes_AS_STRING(key)
-        o[0] = 0
-        memcpy(o + 1, job_id, job_id_len)
-        return key
-    key = PyBytes_FromStringAndSize(NULL, 1 + ident_len + job_id_len)
-    o = PyBytes_AS_STRING(key)
-    o[0] = <char><uchar>ident_len
-    memcpy(o + 1, ident, ident_len)
-    memcpy(o + 1 + ident_len, job_id, job_id_len)
+    cdef bytes key = PyBytes_FromStringAndSize(NULL, job_key_size(dialect, ident_len, job_id_len))
+    write_job_key(PyBytes_AS_STRING(key), dialect, ident, ident_len, job_id, job_id_len)
     return key
 
 
@@ -1231,6 +1318,27 @@ def splice_new_job(bytes frame not None, bytes client_identity not None, int dia
     written = write_new_job(PyBytes_AS_STRING(out), buf, &s, PyBytes_AS_STRING(client_identity), ident_len)
     if FB_DEBUG:
         _check_written(written, size)
+    return out
+
+
+def splice_new_job_planned(bytes frame not None, bytes client_identity not None, int dialect=V05) -> bytes:
+    """``splice_new_job`` the way the compiled broker splices a job that waited: from the
+    frame and a NewJobPlan made from its scan (for the tests: it must give the same bytes)."""
+    cdef Scan s
+    cdef NewJobPlan plan
+    cdef const char* buf = PyBytes_AS_STRING(frame)
+    cdef Py_ssize_t ident_len = len(client_identity)
+    cdef Py_ssize_t size, written
+    if ident_len < 1 or ident_len > 255:
+        raise WireError("client identity must be 1..255 bytes")
+    _scan_new_job(frame, dialect, &s)
+    if plan_new_job(&s, &plan) != 0:
+        raise AssertionError("the new-job rule changes more entries than a plan holds")
+    size = planned_new_job_size(buf, len(frame), &plan, s.dialect, ident_len)
+    out = PyBytes_FromStringAndSize(NULL, size)
+    written = write_planned_new_job(PyBytes_AS_STRING(out), buf, len(frame), &plan, s.dialect,
+                                    PyBytes_AS_STRING(client_identity), ident_len)
+    _check_written(written, size)
     return out
 
 

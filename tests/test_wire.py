@@ -351,6 +351,8 @@ def check_client(impl: Any, msg: dict, frame: bytes, ident: bytes, minimal: bool
         msg["job_id"], msg["course_id"], msg["task_id"], msg["launcher"], time_value
     )
     out = impl.splice_new_job(frame, ident, dialect)
+    if impl is not _wire_py:  # a job that waited is spliced by its plan: the same bytes
+        assert impl.splice_new_job_planned(frame, ident, dialect) == out
     # Splicing == decode, edit, re-encode.
     expected = dict(decoded_in)
     if dialect == V09:
@@ -1212,6 +1214,9 @@ if not NO_EXTENSIONS:
                 ("splice_ssh_debug", (frame, dialect)),
             ):
                 assert outcome(getattr(C, name), *args) == outcome(getattr(PY, name), *args), (name, dialect)
+            # The splice of a job that waited (from its plan) is the splice of its scan.
+            assert (outcome(C.splice_new_job_planned, frame, IDENT, dialect)
+                    == outcome(C.splice_new_job, frame, IDENT, dialect)), dialect
 
     @SETTINGS
     @given(st.binary(max_size=300))
