@@ -1,38 +1,48 @@
 # The broker's hot path, compiled: the fast twin of ``_broker_py`` (read that first:
 # it is the readable truth, and this module must behave exactly like it).
 #
-# What is different here is how the bytes move.  ``drain`` receives with libzmq's
-# zmq_msg_recv straight from the ROUTER sockets (see _libzmq.pxi for how we reach the
-# very libzmq pyzmq uses), scans the frame in place with the wire module's C
-# functions, and writes spliced frames straight into libzmq message buffers that
-# zmq_msg_send then owns.  Per message there is no pyzmq call, no asyncio object and
-# no decoded message; the Python objects made per job are the ones the state needs
-# (the job's key and its client frame, kept until the job's result) plus the identity
-# bytes used as dictionary keys.  Both dialects take the same path: the scan says which
-# dialect's tables matched, and the splicers follow that dialect's rules.
+# What is different here is how the bytes move and where the state lives.  ``drain``
+# receives with libzmq's zmq_msg_recv straight from the ROUTER sockets (see _libzmq.pxi
+# for how we reach the very libzmq pyzmq uses), scans the frame in place with the wire
+# module's C functions, and writes spliced frames straight into libzmq message buffers
+# that zmq_msg_send then owns.  The per-job state is C: each job is one malloc'ed record
+# (its key, its owner's identity and its client frame, see JobRecord), found by key in
+# a C hash index (_keymap.pxi); peers and environments are looked up in ByteMaps with the
+# bytes of the received frame.  So a job that arrives, runs and ends makes no Python
+# object and touches no Python dict.  Both dialects take the same path: the scan says
+# which dialect's tables matched, and the splicers follow that dialect's rules.
+#
+# The rare paths (``broker.BrokerLogic``: hellos, kills, snapshots, removals, logging)
+# read the same state through small views (``jobs``, ``job_key``, ``job_client``,
+# ``job_frame``, ``job_started``) that build the Python objects when they are asked,
+# and use ``clients`` and ``agents`` as the dicts the pure-Python core has.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
-from libc.stdint cimport uint32_t
-from libc.stdlib cimport free, realloc
+from libc.stdint cimport int64_t, uint8_t, uint32_t
+from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 from fastbackend._sched_c cimport JOB_RUNNING, Scheduler
 from fastbackend._wire_c cimport (
+    NewJobPlan,
     Scan,
     agent_to_client_size,
-    job_key_c,
+    job_key_size,
     job_started_size,
     new_job_size,
+    plan_new_job,
+    planned_new_job_size,
     scan_agent_c,
     scan_client_c,
     write_agent_to_client,
+    write_job_key,
     write_job_started,
     write_new_job,
+    write_planned_new_job,
 )
 
-import time
 
 import zmq as pyzmq
 
@@ -40,6 +50,7 @@ from fastbackend import protocol
 from fastbackend.protocol import DIALECTS, FIRST_GUESS, WireError, WrongDialect
 
 include "_libzmq.pxi"
+include "_keymap.pxi"
 
 cdef extern from *:
     """
@@ -82,6 +93,13 @@ cdef inline double _monotonic() noexcept:
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
+cdef inline double _wall_clock() noexcept:
+    """time.time(), without a Python call."""
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
 cdef inline int _bucket(double seconds) noexcept:
     """The histogram bucket of a duration: bisect_left over BOUNDS, as _broker_py does."""
     cdef int i = 0
@@ -108,6 +126,45 @@ cdef inline int _scan_side(bint from_agent, int dialect, const char* data, Py_ss
     return scan_client_c(dialect, data, size, scan)
 
 
+cdef struct JobRecord:
+    # One malloc per job, freed with its result: this header, then the job's key
+    # (wire.job_key), its owner's identity and the client's new-job frame, kept whole so
+    # that the agent's frame is spliced from it at dispatch and the queue snapshot can read
+    # its fields.  ``tag`` is the key's hash tag in the job index; ``plan`` the spans of
+    # the frame that the agent's frame changes (made from the arrival scan: a job that
+    # waited is spliced without a second scan), valid when ``planned``.
+    uint32_t tag
+    uint32_t key_size
+    uint32_t frame_size
+    uint8_t owner_size
+    uint8_t dialect
+    uint8_t planned
+    NewJobPlan plan
+
+
+cdef inline char* _rec_key(JobRecord* rec) noexcept:
+    return <char*>rec + sizeof(JobRecord)
+
+
+cdef inline char* _rec_owner(JobRecord* rec) noexcept:
+    return <char*>rec + sizeof(JobRecord) + rec.key_size
+
+
+cdef inline char* _rec_frame(JobRecord* rec) noexcept:
+    return <char*>rec + sizeof(JobRecord) + rec.key_size + rec.owner_size
+
+
+cdef const char* _job_key_of(void* owner, uint32_t job, Py_ssize_t* size) noexcept:
+    # owner: the address of a BrokerCore's job_rec (a plain pointer: no reference counting)
+    cdef JobRecord* rec = (<JobRecord***>owner)[0][job]
+    size[0] = rec.key_size
+    return _rec_key(rec)
+
+
+cdef inline bytes _bytes(const char* data, Py_ssize_t size):
+    return PyBytes_FromStringAndSize(data, size)
+
+
 cdef class BrokerCore:
     """Per-job routing between clients and agents; the compiled twin of ``_broker_py.BrokerCore``."""
 
@@ -120,34 +177,47 @@ cdef class BrokerCore:
     cdef public object pinned     # the one dialect served, or None
     cdef int first_guess
     cdef public Scheduler sched
-    cdef public dict clients      # identity -> dialect it said hello in
-    cdef public dict agents
+    cdef public ByteMap clients   # identity -> dialect it said hello in
+    cdef public ByteMap agents    # identity -> agent index
     cdef public list agent_ident
     cdef public list agent_dialect
     cdef public list agent_missed
-    cdef public dict jobs
-    cdef public list job_key
-    cdef public list job_client
-    cdef public list job_frame
-    cdef public list job_started
+    # Jobs, by the scheduler's job index (job_cap long): the record (NULL when the index
+    # is free), the wall-clock dispatch time, and the monotonic times of submission and
+    # dispatch for the wait / run time histograms.  The index finds a job by its key.
+    cdef JobRecord** job_rec
+    cdef double* t_started
+    cdef double* t_submitted
+    cdef double* t_sent
+    cdef Py_ssize_t job_cap
+    cdef Index job_index
+    # A buffer to build the key of a job an agent speaks of (grown as needed).
+    cdef char* scratch
+    cdef Py_ssize_t scratch_cap
     # Per dialect: environment key bytes -> interned id (saves a decode per job).  The
     # key is the name's UTF-8 in 0.5; in 0.9 the type's length (4 bytes), type, name.
-    cdef list env_ids
+    cdef ByteMap env_ids_05
+    cdef ByteMap env_ids_09
     cdef public Py_ssize_t jobs_submitted
     cdef public Py_ssize_t jobs_done
     cdef public Py_ssize_t frames_dropped
     cdef public bint log_jobs     # per-job DEBUG lines (set by the logic layer from the log level)
-    # For the metrics: counters per dialect, time histograms (counts per bucket, sums),
-    # and each job's monotonic submission and dispatch times (indexed by job, t_cap long).
+    # What pump() looks at after a drain (see _broker_py): the logic layer's pending work,
+    # read here without a Python lookup, and the shell's hook for it.
+    cdef public object agents_gone
+    cdef public object snapshot
+    cdef public object after_pump
+    cdef public int batch
+    # For the metrics: counters per dialect, time histograms (counts per bucket, sums).
     cdef Py_ssize_t submitted_by[N_DIALECTS]
     cdef Py_ssize_t done_by[N_DIALECTS]
     cdef Py_ssize_t wait_counts[N_DIALECTS][N_BUCKETS]
     cdef Py_ssize_t run_counts[N_DIALECTS][N_BUCKETS]
     cdef double wait_total[N_DIALECTS]
     cdef double run_total[N_DIALECTS]
-    cdef double* t_submitted
-    cdef double* t_sent
-    cdef Py_ssize_t t_cap
+
+    def __cinit__(self, *args, **kwargs):
+        index_init(&self.job_index)
 
     def __init__(self, agent_socket, client_socket, dialect=None):
         self.agent_socket = agent_socket
@@ -159,18 +229,18 @@ cdef class BrokerCore:
         self.pinned = dialect
         self.first_guess = FIRST_GUESS if dialect is None else dialect
         self.sched = Scheduler()
-        self.clients = {}
-        self.agents = {}
+        self.clients = ByteMap()
+        self.agents = ByteMap()
         self.agent_ident = []
         self.agent_dialect = []
         self.agent_missed = []
-        self.jobs = {}
-        self.job_key = []
-        self.job_client = []
-        self.job_frame = []
-        self.job_started = []
-        self.env_ids = [{} for _ in DIALECTS]
+        self.env_ids_05 = ByteMap()
+        self.env_ids_09 = ByteMap()
         self.log_jobs = False
+        self.agents_gone = set()
+        self.snapshot = None
+        self.after_pump = None
+        self.batch = 256
         self.jobs_submitted = 0
         self.jobs_done = 0
         self.frames_dropped = 0
@@ -182,8 +252,15 @@ cdef class BrokerCore:
         memset(self.run_total, 0, sizeof(self.run_total))
 
     def __dealloc__(self):
+        cdef Py_ssize_t job
+        for job in range(self.job_cap):
+            free(self.job_rec[job])
+        free(self.job_rec)
+        free(self.t_started)
         free(self.t_submitted)
         free(self.t_sent)
+        free(self.scratch)
+        index_free(&self.job_index)
 
     def counters(self):
         """The per-dialect counters and histograms, as plain lists (see ``_broker_py``)."""
@@ -197,18 +274,95 @@ cdef class BrokerCore:
                     for d in range(N_DIALECTS)],
         }
 
-    cdef int _grow_times(self, Py_ssize_t jobs) except -1:
-        cdef Py_ssize_t cap = max(jobs, 2 * self.t_cap)
-        cdef double* submitted = <double*>realloc(self.t_submitted, cap * sizeof(double))
-        if submitted == NULL:
+    cdef int _grow_jobs(self, Py_ssize_t jobs) except -1:
+        """Make the per-job arrays at least ``jobs`` long (doubling)."""
+        cdef Py_ssize_t cap = max(jobs, 2 * self.job_cap), job
+        # Each array is assigned as soon as it is reallocated: a failure leaves every
+        # array at least job_cap long, and job_cap tells how long they all are.
+        cdef void* p = realloc(self.job_rec, cap * sizeof(JobRecord*))
+        if p == NULL:
             raise MemoryError()
-        self.t_submitted = submitted
-        cdef double* sent = <double*>realloc(self.t_sent, cap * sizeof(double))
-        if sent == NULL:
+        self.job_rec = <JobRecord**>p
+        for job in range(self.job_cap, cap):
+            self.job_rec[job] = NULL
+        p = realloc(self.t_started, cap * sizeof(double))
+        if p == NULL:
             raise MemoryError()
-        self.t_sent = sent
-        self.t_cap = cap
+        self.t_started = <double*>p
+        p = realloc(self.t_submitted, cap * sizeof(double))
+        if p == NULL:
+            raise MemoryError()
+        self.t_submitted = <double*>p
+        p = realloc(self.t_sent, cap * sizeof(double))
+        if p == NULL:
+            raise MemoryError()
+        self.t_sent = <double*>p
+        self.job_cap = cap
         return 0
+
+    cdef char* _scratch(self, Py_ssize_t size) except NULL:
+        if size > self.scratch_cap:
+            p = realloc(self.scratch, size)
+            if p == NULL:
+                raise MemoryError()
+            self.scratch = <char*>p
+            self.scratch_cap = size
+        return self.scratch
+
+    cdef int _find_job(self, int dialect, const char* ident, Py_ssize_t ident_len,
+                       const char* job_id, Py_ssize_t job_id_len) except -2:
+        """The job of that key (see wire.job_key), or -1."""
+        cdef char* key = self._scratch(job_key_size(dialect, ident_len, job_id_len))
+        cdef Py_ssize_t size = write_job_key(key, dialect, ident, ident_len, job_id, job_id_len)
+        cdef uint32_t job = index_find(&self.job_index, fb_tag(key, size), key, size, _job_key_of, <void*>&self.job_rec)
+        return -1 if job == INDEX_NONE else <int>job
+
+    # -- the views the rare paths read --------------------------------------------
+
+    @property
+    def jobs(self):
+        """job key -> job index, for the rare paths (a read-only mapping)."""
+        return JobsView(self)
+
+    @property
+    def job_key(self):
+        """job index -> its key (bytes), or None."""
+        return JobColumn(self, COLUMN_KEY)
+
+    @property
+    def job_client(self):
+        """job index -> its owner's identity (bytes), or None."""
+        return JobColumn(self, COLUMN_CLIENT)
+
+    @property
+    def job_frame(self):
+        """job index -> the client's new-job frame (bytes), or None."""
+        return JobColumn(self, COLUMN_FRAME)
+
+    @property
+    def job_started(self):
+        """job index -> its dispatch time (time.time()), 0.0 for a job never sent."""
+        return JobColumn(self, COLUMN_STARTED)
+
+    cdef object _column(self, Py_ssize_t job, int column):
+        cdef JobRecord* rec
+        if job < 0 or job >= self.job_cap:
+            raise IndexError(job)
+        if column == COLUMN_STARTED:
+            return self.t_started[job]
+        rec = self.job_rec[job]
+        if rec == NULL:
+            return None
+        if column == COLUMN_KEY:
+            return _bytes(_rec_key(rec), rec.key_size)
+        if column == COLUMN_CLIENT:
+            return _bytes(_rec_owner(rec), rec.owner_size)
+        return _bytes(_rec_frame(rec), rec.frame_size)
+
+    cdef int _lookup(self, bytes key) except -2:
+        cdef uint32_t job = index_find(&self.job_index, fb_tag(key, len(key)), key, len(key),
+                                       _job_key_of, <void*>&self.job_rec)
+        return -1 if job == INDEX_NONE else <int>job
 
     # -- sending ------------------------------------------------------------------
 
@@ -220,7 +374,7 @@ cdef class BrokerCore:
             err = lz.last_errno()
             lz.msg_close(body)
             if err == EHOSTUNREACH:
-                self.unreachable(side, PyBytes_FromStringAndSize(ident, ident_len))
+                self.unreachable(side, _bytes(ident, ident_len))
                 return 0
             raise pyzmq.ZMQError(err)
         if _msg_send(body, handle) < 0:
@@ -250,8 +404,19 @@ cdef class BrokerCore:
 
     # -- draining -----------------------------------------------------------------
 
+    def pump(self):
+        """One wake-up, all in C: drain both sockets (``batch`` messages each at most), and
+        enter Python (``after_pump(more)``) only if something is left to do.  The server hands
+        this method to the event loop as the sockets' reader callback."""
+        cdef bint more = self._drain_both(self.batch)
+        if more or self.agents_gone or self.snapshot is not None:
+            self.after_pump(more)
+
     def drain(self, int budget):
         """Handle up to ``budget`` messages from each socket; True if more may wait."""
+        return self._drain_both(budget)
+
+    cdef bint _drain_both(self, int budget) except -1:
         self._drain(self.agent_handle, budget, True)
         self._drain(self.client_handle, budget, False)
         return _has_input(self.agent_handle) or _has_input(self.client_handle)
@@ -260,6 +425,8 @@ cdef class BrokerCore:
         cdef fb_zmq_msg_t ident, body, extra
         cdef int frames, err
         cdef bint more
+        cdef const char* data = NULL
+        cdef Py_ssize_t size = 0
         cdef str side = "agent" if from_agents else "client"
         while budget > 0:
             budget -= 1
@@ -284,17 +451,20 @@ cdef class BrokerCore:
                     frames += 1
                     more = lz.msg_more(&extra)
                     lz.msg_close(&extra)
-                # Big frames weigh more (see _broker_py.BYTES_PER_MESSAGE); the extra
-                # frames of a malformed message are not counted.
-                budget -= <int>(lz.msg_size(&body) // FRAME_WEIGHT)
+                # Each message's size and data are read once, here.  Big frames weigh
+                # more (see _broker_py.BYTES_PER_MESSAGE); the extra frames of a malformed
+                # message are not counted.
+                data = <const char*>lz.msg_data(&body)
+                size = lz.msg_size(&body)
+                budget -= <int>(size // FRAME_WEIGHT)
             try:
                 if frames != 1:
                     self.dropped(side, self._ident(&ident),
                                  f"{frames} frames in one message, expected 1", "multipart")
                 elif from_agents:
-                    self._on_agent(<const char*>lz.msg_data(&ident), lz.msg_size(&ident), &body)
+                    self._on_agent(<const char*>lz.msg_data(&ident), lz.msg_size(&ident), data, size)
                 else:
-                    self._on_client(<const char*>lz.msg_data(&ident), lz.msg_size(&ident), &body)
+                    self._on_client(<const char*>lz.msg_data(&ident), lz.msg_size(&ident), data, size)
             except Exception:  # a bug must cost one message, never the broker
                 self.internal_error(side, self._ident(&ident))
             finally:
@@ -303,10 +473,10 @@ cdef class BrokerCore:
         return 0
 
     cdef bytes _ident(self, fb_zmq_msg_t* ident):
-        return PyBytes_FromStringAndSize(<const char*>lz.msg_data(ident), lz.msg_size(ident))
+        return _bytes(<const char*>lz.msg_data(ident), lz.msg_size(ident))
 
-    cdef int _scan(self, bint from_agent, bytes ident, const char* data, Py_ssize_t size, int dialect,
-                   bint known, Scan* scan) except -1:
+    cdef int _scan(self, bint from_agent, const char* ident, Py_ssize_t ident_len, const char* data,
+                   Py_ssize_t size, int dialect, bint known, Scan* scan) except -1:
         """Scan as ``dialect``, or as the dialect the frame turns out to be in (see
         ``_broker_py.BrokerCore._scan``); 1 when scanned, 0 when the frame was dropped."""
         cdef str side = "agent" if from_agent else "client"
@@ -316,12 +486,12 @@ cdef class BrokerCore:
             return 1
         except WrongDialect as exc:
             if self.pinned is not None:
-                self.wrong_dialect(side, ident, exc.dialect)
+                self.wrong_dialect(side, _bytes(ident, ident_len), exc.dialect)
                 return 0
             dialect = exc.dialect
         except WireError as exc:
             if known or self.pinned is not None:
-                self.dropped(side, ident, str(exc))
+                self.dropped(side, _bytes(ident, ident_len), str(exc))
                 return 0
             dialect, first_error = 1 - dialect, exc  # the other of the two dialects
         try:
@@ -334,82 +504,108 @@ cdef class BrokerCore:
                 reason = "holds the type keys of two dialects"
             else:
                 reason = str(exc)
-            self.dropped(side, ident, reason)
+            self.dropped(side, _bytes(ident, ident_len), reason)
         return 0
 
     # -- clients ------------------------------------------------------------------
 
-    cdef int _on_client(self, const char* ident_ptr, Py_ssize_t ident_len, fb_zmq_msg_t* body) except -1:
+    cdef int _on_client(self, const char* ident, Py_ssize_t ident_len, const char* data,
+                        Py_ssize_t size) except -1:
         cdef Scan scan
-        cdef const char* data = <const char*>lz.msg_data(body)
-        cdef Py_ssize_t size = lz.msg_size(body)
-        cdef bytes ident = PyBytes_FromStringAndSize(ident_ptr, ident_len)
-        registered = self.clients.get(ident)
-        if not self._scan(False, ident, data, size, self.first_guess if registered is None else <int>registered,
-                          registered is not None, &scan):
+        cdef int64_t registered = self.clients.c_get(ident, ident_len, -1)
+        if not self._scan(False, ident, ident_len, data, size,
+                          self.first_guess if registered < 0 else <int>registered, registered >= 0, &scan):
             return 0
         if scan.type == CLIENT_HELLO:
-            self.client_hello(ident, PyBytes_FromStringAndSize(data, size), scan.dialect)
+            self.client_hello(_bytes(ident, ident_len), _bytes(data, size), scan.dialect)
             return 0
-        if registered is None or <int>registered != scan.dialect:
-            self._send_bytes(self.client_handle, ident_ptr, ident_len, UNKNOWN_FRAMES[scan.dialect], "client")
+        if registered != scan.dialect:
+            self._send_bytes(self.client_handle, ident, ident_len, UNKNOWN_FRAMES[scan.dialect], "client")
             return 0
         if scan.type == CLIENT_NEW_JOB:
-            self._new_job(ident, &scan, data, size)
+            self._new_job(ident, ident_len, &scan, data, size)
         elif scan.type == PING:
-            self._send_bytes(self.client_handle, ident_ptr, ident_len, PONG_FRAMES[scan.dialect], "client")
+            self._send_bytes(self.client_handle, ident, ident_len, PONG_FRAMES[scan.dialect], "client")
         elif scan.type == CLIENT_KILL_JOB:
-            self.kill_job(ident, PyUnicode_DecodeUTF8(scan.job_id, scan.job_id_len, NULL), scan.dialect)
+            self.kill_job(_bytes(ident, ident_len), PyUnicode_DecodeUTF8(scan.job_id, scan.job_id_len, NULL),
+                          scan.dialect)
         elif scan.type == CLIENT_GET_QUEUE:
-            self.client_get_queue(ident, scan.dialect)
+            self.client_get_queue(_bytes(ident, ident_len), scan.dialect)
         return 0
 
     cdef int _env(self, const Scan* scan) except -1:
-        """The interned environment of a scanned new job (a dict lookup on its bytes)."""
-        cdef bytes key
-        cdef char* o
+        """The interned environment of a scanned new job, looked up by its bytes."""
+        cdef ByteMap ids
+        cdef char* key
         cdef uint32_t type_len
-        cdef dict ids = self.env_ids[scan.dialect]
+        cdef Py_ssize_t size
+        cdef int64_t env
         if scan.env_type == NULL:
-            key = PyBytes_FromStringAndSize(scan.env, scan.env_len)
-        else:
-            type_len = <uint32_t>scan.env_type_len
-            key = PyBytes_FromStringAndSize(NULL, 4 + scan.env_type_len + scan.env_len)
-            o = PyBytes_AS_STRING(key)
-            memcpy(o, &type_len, 4)
-            memcpy(o + 4, scan.env_type, scan.env_type_len)
-            memcpy(o + 4 + scan.env_type_len, scan.env, scan.env_len)
-        env = ids.get(key)
-        if env is None:
+            ids = self.env_ids_05
+            env = ids.c_get(scan.env, scan.env_len, -1)
+            if env >= 0:
+                return <int>env
             name = PyUnicode_DecodeUTF8(scan.env, scan.env_len, NULL)
-            if scan.env_type != NULL:
-                name = (PyUnicode_DecodeUTF8(scan.env_type, scan.env_type_len, NULL), name)
-            env = ids[key] = self.sched.env_id(name)
-        return env
+            env = self.sched.env_id(name)
+            ids.c_set(scan.env, scan.env_len, env)
+            return <int>env
+        ids = self.env_ids_09
+        size = 4 + scan.env_type_len + scan.env_len
+        key = self._scratch(size)
+        type_len = <uint32_t>scan.env_type_len
+        memcpy(key, &type_len, 4)
+        memcpy(key + 4, scan.env_type, scan.env_type_len)
+        memcpy(key + 4 + scan.env_type_len, scan.env, scan.env_len)
+        env = ids.c_get(key, size, -1)
+        if env >= 0:
+            return <int>env
+        name = (PyUnicode_DecodeUTF8(scan.env_type, scan.env_type_len, NULL),
+                PyUnicode_DecodeUTF8(scan.env, scan.env_len, NULL))
+        env = self.sched.env_id(name)
+        ids.c_set(key, size, env)  # the scratch is untouched by env_id
+        return <int>env
 
-    cdef int _new_job(self, bytes ident, Scan* scan, const char* data, Py_ssize_t size) except -1:
+    cdef int _new_job(self, const char* ident, Py_ssize_t ident_len, Scan* scan, const char* data,
+                      Py_ssize_t size) except -1:
         cdef int job, agent = -1
-        cdef bytes key = job_key_c(scan.dialect, PyBytes_AS_STRING(ident), PyBytes_GET_SIZE(ident),
-                                   scan.job_id, scan.job_id_len)
+        cdef Py_ssize_t key_size = job_key_size(scan.dialect, ident_len, scan.job_id_len)
+        cdef JobRecord* rec
+        cdef char* key
         self.jobs_submitted += 1
         self.submitted_by[scan.dialect] += 1
-        if key in self.jobs:
-            self.duplicate_job(ident, PyUnicode_DecodeUTF8(scan.job_id, scan.job_id_len, NULL), scan.dialect)
+        # The record is made first and its key written in place: the lookup needs the
+        # key's bytes, and a duplicate (rare) is simply freed again.
+        rec = <JobRecord*>malloc(sizeof(JobRecord) + key_size + ident_len + size)
+        if rec == NULL:
+            raise MemoryError()
+        key = _rec_key(rec)
+        write_job_key(key, scan.dialect, ident, ident_len, scan.job_id, scan.job_id_len)
+        rec.tag = fb_tag(key, key_size)
+        if index_find(&self.job_index, rec.tag, key, key_size, _job_key_of, <void*>&self.job_rec) != INDEX_NONE:
+            free(rec)
+            self.duplicate_job(_bytes(ident, ident_len),
+                               PyUnicode_DecodeUTF8(scan.job_id, scan.job_id_len, NULL), scan.dialect)
             return 0
-        job = self.sched.c_submit(self._env(scan), scan.priority, &agent)
-        if job >= len(self.job_key):
-            # Doubling: the scheduler hands out indices one above the highest in use.
-            grow = max(job + 1 - len(self.job_key), len(self.job_key))
-            self.job_key.extend([None] * grow)
-            self.job_client.extend([None] * grow)
-            self.job_frame.extend([None] * grow)
-            self.job_started.extend([0.0] * grow)
-        if job >= self.t_cap:
-            self._grow_times(job + 1)
-        self.jobs[key] = job
-        self.job_key[job] = key
-        self.job_client[job] = ident
-        self.job_frame[job] = PyBytes_FromStringAndSize(data, size)
+        rec.key_size = <uint32_t>key_size
+        rec.owner_size = <uint8_t>ident_len   # a ZeroMQ identity: 1..255 bytes
+        rec.frame_size = <uint32_t>size       # at most MAX_FRAME_SIZE (256 MiB)
+        rec.dialect = <uint8_t>scan.dialect
+        rec.planned = plan_new_job(scan, &rec.plan) == 0
+        memcpy(_rec_owner(rec), ident, ident_len)
+        memcpy(_rec_frame(rec), data, size)
+        try:
+            # Room first, so that nothing can fail once the scheduler holds the job: its
+            # index is at most jobs_len (a freed index, or the next new one).
+            if self.sched.jobs_len >= self.job_cap:
+                self._grow_jobs(self.sched.jobs_len + 1)
+            index_reserve(&self.job_index, self.job_index.count + 1)
+            job = self.sched.c_submit(self._env(scan), scan.priority, &agent)
+        except BaseException:
+            free(rec)
+            raise
+        index_insert(&self.job_index, rec.tag, job)
+        self.job_rec[job] = rec
+        self.t_started[job] = 0.0
         self.t_submitted[job] = _monotonic()
         if FB_DEBUG:
             self._check_counts()
@@ -425,45 +621,82 @@ cdef class BrokerCore:
         self._dispatch(job, agent)
 
     cdef int _dispatch(self, int job, int agent) except -1:
+        """Send a job that waited: spliced from its record, by its plan."""
         cdef Scan scan
-        cdef bytes frame = self.job_frame[job]
-        cdef bytes key = self.job_key[job]
-        # The frame was validated on arrival; scanning it again is cheaper than
-        # keeping every waiting job's field offsets.  A 0.9 key starts with a zero byte.
-        scan_client_c(V09 if PyBytes_AS_STRING(key)[0] == 0 else V05,
-                      PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame), &scan)
-        return self._send_new_job(job, agent, &scan, PyBytes_AS_STRING(frame))
+        cdef fb_zmq_msg_t out
+        cdef JobRecord* rec = self.job_rec[job]
+        cdef const char* frame = _rec_frame(rec)
+        cdef Py_ssize_t size, written
+        if not rec.planned:  # never so for the dialects' rules, but the scan would do
+            scan_client_c(rec.dialect, frame, rec.frame_size, &scan)
+            return self._send_new_job(job, agent, &scan, frame)
+        size = planned_new_job_size(frame, rec.frame_size, &rec.plan, rec.dialect, rec.owner_size)
+        if lz.msg_init_size(&out, size) != 0:
+            raise MemoryError()
+        written = write_planned_new_job(<char*>lz.msg_data(&out), frame, rec.frame_size, &rec.plan,
+                                        rec.dialect, _rec_owner(rec), rec.owner_size)
+        if FB_DEBUG:
+            try:
+                self._check_planned(rec, <const char*>lz.msg_data(&out), written, size)
+            except BaseException:
+                lz.msg_close(&out)
+                raise
+        return self._sent_new_job(job, agent, rec.dialect, &out)
+
+    cdef int _check_planned(self, JobRecord* rec, const char* data, Py_ssize_t written,
+                            Py_ssize_t size) except -1:
+        """Debug build: a planned splice is the scanned splice of the same frame, byte for byte."""
+        cdef Scan scan
+        cdef const char* frame = _rec_frame(rec)
+        scan_client_c(rec.dialect, frame, rec.frame_size, &scan)
+        cdef bytes expected = PyBytes_FromStringAndSize(NULL, new_job_size(&scan, rec.owner_size))
+        write_new_job(PyBytes_AS_STRING(expected), frame, &scan, _rec_owner(rec), rec.owner_size)
+        if written != size or _bytes(data, written) != expected:
+            raise AssertionError(f"planned new-job splice differs from the scanned one ({written}/{size} bytes)")
+        return 0
 
     cdef int _send_new_job(self, int job, int agent, const Scan* scan, const char* frame) except -1:
         """Splice the agent's new-job frame from a scanned client new-job frame and send it."""
         cdef fb_zmq_msg_t out
-        cdef bytes client = self.job_client[job]
-        cdef bytes agent_ident = self.agent_ident[agent]
-        cdef Py_ssize_t ident_len = PyBytes_GET_SIZE(client)
-        cdef Py_ssize_t size = new_job_size(scan, ident_len)
+        cdef JobRecord* rec = self.job_rec[job]
+        cdef Py_ssize_t size = new_job_size(scan, rec.owner_size)
         if lz.msg_init_size(&out, size) != 0:
             raise MemoryError()
-        written = write_new_job(<char*>lz.msg_data(&out), frame, scan, PyBytes_AS_STRING(client), ident_len)
+        written = write_new_job(<char*>lz.msg_data(&out), frame, scan, _rec_owner(rec), rec.owner_size)
         if FB_DEBUG and written != size:
             lz.msg_close(&out)
             raise AssertionError(f"new job spliced to {written} bytes, {size} announced")
+        return self._sent_new_job(job, agent, scan.dialect, &out)
+
+    cdef int _sent_new_job(self, int job, int agent, int dialect, fb_zmq_msg_t* out) except -1:
+        """Record a job's dispatch and send its spliced frame (``out``) to its agent."""
+        cdef bytes agent_ident = self.agent_ident[agent]
         cdef double now = _monotonic()
-        self.job_started[job] = time.time()
+        self.t_started[job] = _wall_clock()
         self.t_sent[job] = now
-        self.wait_counts[scan.dialect][_bucket(now - self.t_submitted[job])] += 1
-        self.wait_total[scan.dialect] += now - self.t_submitted[job]
+        self.wait_counts[dialect][_bucket(now - self.t_submitted[job])] += 1
+        self.wait_total[dialect] += now - self.t_submitted[job]
         if self.log_jobs:
-            self.job_event("sent", job, agent)
-        self._send_msg(self.agent_handle, PyBytes_AS_STRING(agent_ident), PyBytes_GET_SIZE(agent_ident),
-                       &out, "agent")
-        return 0
+            try:
+                self.job_event("sent", job, agent)
+            except BaseException:
+                lz.msg_close(out)
+                raise
+        return self._send_msg(self.agent_handle, PyBytes_AS_STRING(agent_ident), PyBytes_GET_SIZE(agent_ident),
+                              out, "agent")
 
     cdef int _check_counts(self) except -1:
         """Debug build: every job the broker knows is waiting or running, and no other."""
-        cdef Py_ssize_t known = len(self.jobs)
+        cdef Py_ssize_t known = self.job_index.count
         cdef Py_ssize_t scheduled = self.sched.n_waiting + self.sched.n_running
+        cdef Py_ssize_t job, records = 0
         if known != scheduled:
             raise AssertionError(f"broker knows {known} jobs, the scheduler holds {scheduled}")
+        if known < 1024:  # the records too, while that is cheap
+            for job in range(self.job_cap):
+                records += self.job_rec[job] != NULL
+            if records != known:
+                raise AssertionError(f"{records} job records for {known} jobs")
         return 0
 
     def forget_job(self, int job):
@@ -471,41 +704,41 @@ cdef class BrokerCore:
         self._forget(job)
 
     cdef int _forget(self, int job) except -1:
-        del self.jobs[self.job_key[job]]
-        self.job_key[job] = None
-        self.job_client[job] = None
-        self.job_frame[job] = None
+        cdef JobRecord* rec = self.job_rec[job]
+        index_remove(&self.job_index, rec.tag, job)
+        self.job_rec[job] = NULL
+        free(rec)
         return 0
 
     # -- agents -------------------------------------------------------------------
 
-    cdef int _on_agent(self, const char* ident_ptr, Py_ssize_t ident_len, fb_zmq_msg_t* body) except -1:
+    cdef int _on_agent(self, const char* ident, Py_ssize_t ident_len, const char* data,
+                       Py_ssize_t size) except -1:
         cdef Scan scan
         cdef fb_zmq_msg_t out
-        cdef const char* data = <const char*>lz.msg_data(body)
-        cdef Py_ssize_t size = lz.msg_size(body), out_size
-        cdef bytes ident = PyBytes_FromStringAndSize(ident_ptr, ident_len)
-        cdef bytes owner
+        cdef Py_ssize_t out_size
+        cdef JobRecord* rec
         cdef int agent, job, following
-        agent = self.agents.get(ident, -1)
-        if not self._scan(True, ident, data, size, self.first_guess if agent < 0 else <int>self.agent_dialect[agent],
-                          agent >= 0, &scan):
+        agent = <int>self.agents.c_get(ident, ident_len, -1)
+        if not self._scan(True, ident, ident_len, data, size,
+                          self.first_guess if agent < 0 else <int>self.agent_dialect[agent], agent >= 0, &scan):
             return 0
         if scan.type == AGENT_HELLO:
-            self.agent_hello(ident, PyBytes_FromStringAndSize(data, size), scan.dialect)
+            self.agent_hello(_bytes(ident, ident_len), _bytes(data, size), scan.dialect)
             return 0
         if agent < 0 or <int>self.agent_dialect[agent] != scan.dialect:
-            self.dropped("agent", ident, "message from an agent that did not say hello", "unregistered")
+            self.dropped("agent", _bytes(ident, ident_len), "message from an agent that did not say hello",
+                         "unregistered")
             return 0
         if scan.type == PONG:
             self.agent_missed[agent] = 0
             return 0
-        job = self.jobs.get(job_key_c(scan.dialect, scan.ident, scan.ident_len, scan.job_id, scan.job_id_len), -1)
+        job = self._find_job(scan.dialect, scan.ident, scan.ident_len, scan.job_id, scan.job_id_len)
         if job < 0 or self.sched.c_job_state(job) != JOB_RUNNING or self.sched.c_job_agent(job) != agent:
-            self.dropped("agent", ident, "message about job %r, which is not running there"
+            self.dropped("agent", _bytes(ident, ident_len), "message about job %r, which is not running there"
                          % PyUnicode_DecodeUTF8(scan.job_id, scan.job_id_len, "replace"), "not_running")
             return 0
-        owner = self.job_client[job]
+        rec = self.job_rec[job]
         if scan.type == AGENT_JOB_DONE and self.log_jobs:
             self.job_event("done", job, agent)
         if scan.type == AGENT_JOB_DONE or scan.type == AGENT_JOB_SSH_DEBUG:
@@ -518,7 +751,7 @@ cdef class BrokerCore:
             if lz.msg_init_size(&out, out_size) != 0:
                 raise MemoryError()
             write_job_started(<char*>lz.msg_data(&out), scan.dialect, scan.job_id, scan.job_id_len)
-        self._send_msg(self.client_handle, PyBytes_AS_STRING(owner), PyBytes_GET_SIZE(owner), &out, "client")
+        self._send_msg(self.client_handle, _rec_owner(rec), rec.owner_size, &out, "client")
         if scan.type == AGENT_JOB_DONE:
             elapsed = _monotonic() - self.t_sent[job]
             self.run_counts[scan.dialect][_bucket(elapsed)] += 1
@@ -532,3 +765,84 @@ cdef class BrokerCore:
             if FB_DEBUG:
                 self._check_counts()
         return 0
+
+
+cdef enum:
+    COLUMN_KEY = 0
+    COLUMN_CLIENT = 1
+    COLUMN_FRAME = 2
+    COLUMN_STARTED = 3
+
+
+@cython.final
+cdef class JobColumn:
+    """One field of every job, by job index (``broker.job_key[job]`` and the like):
+    the Python object is made when it is read."""
+
+    cdef BrokerCore core
+    cdef int column
+
+    def __cinit__(self, BrokerCore core, int column):
+        self.core = core
+        self.column = column
+
+    def __getitem__(self, Py_ssize_t job):
+        return self.core._column(job, self.column)
+
+    def __len__(self):
+        return self.core.job_cap
+
+
+@cython.final
+cdef class JobsView:
+    """job key (bytes, see wire.job_key) -> job index, read-only, like the pure core's dict."""
+
+    cdef BrokerCore core
+
+    def __cinit__(self, BrokerCore core):
+        self.core = core
+
+    def get(self, bytes key, default=None):
+        cdef int job = self.core._lookup(key)
+        return default if job < 0 else job
+
+    def __getitem__(self, bytes key):
+        cdef int job = self.core._lookup(key)
+        if job < 0:
+            raise KeyError(key)
+        return job
+
+    def __contains__(self, bytes key):
+        return self.core._lookup(key) >= 0
+
+    def __len__(self):
+        return self.core.job_index.count
+
+    def items(self):
+        cdef Py_ssize_t job
+        cdef JobRecord* rec
+        out = []
+        for job in range(self.core.job_cap):
+            rec = self.core.job_rec[job]
+            if rec != NULL:
+                out.append((_bytes(_rec_key(rec), rec.key_size), job))
+        return out
+
+    def keys(self):
+        return [key for key, _ in self.items()]
+
+    def values(self):
+        return [job for _, job in self.items()]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __eq__(self, other):
+        if isinstance(other, JobsView):
+            other = dict(other.items())
+        if not isinstance(other, dict):
+            return NotImplemented
+        return dict(self.items()) == other
+
+    def __repr__(self):
+        return f"JobsView({dict(self.items())!r})"

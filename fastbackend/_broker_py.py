@@ -128,6 +128,13 @@ class BrokerCore:
         self.done_by = [0] * len(DIALECTS)
         self.wait_times = [TimeHistogram() for _ in DIALECTS]
         self.run_times = [TimeHistogram() for _ in DIALECTS]
+        # What pump() looks at after a drain: the logic layer's pending work (agents a
+        # send found gone, a queue snapshot under way), kept here so that the compiled twin
+        # reads it without a Python lookup; after_pump(more) is the shell's hook for it.
+        self.agents_gone: set[bytes] = set()
+        self.snapshot: object = None
+        self.after_pump = None
+        self.batch = 256
 
     def counters(self) -> dict:
         """The per-dialect counters and histograms, as plain lists (read at scrape time)."""
@@ -189,6 +196,14 @@ class BrokerCore:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
             self.unreachable("agent", ident)
+
+    def pump(self) -> None:
+        """One wake-up: drain both sockets (``batch`` messages each at most), then call
+        ``after_pump(more)`` only if something is left to do (a full batch, an agent found
+        gone, a snapshot under way).  The compiled twin's is the whole wake-up in C."""
+        more = self.drain(self.batch)
+        if more or self.agents_gone or self.snapshot is not None:
+            self.after_pump(more)
 
     def drain(self, budget: int) -> bool:
         """Handle up to ``budget`` messages from each socket; True if more may wait.

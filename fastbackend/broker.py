@@ -88,7 +88,8 @@ class QueueSnapshot:
     would hold back the heartbeat (agents restart after 10 s without a ping).  The
     running jobs (bounded by the agents' slots) are listed at once; the waiting jobs
     are taken at the moment of the request and read a slice per loop turn, skipping
-    any that ended meanwhile (their key object is no longer the job's).  Each dialect's
+    any that ended meanwhile (the job index no longer holds their key; should a new job
+    of the same key hold it, that one is waiting too, and is listed).  Each dialect's
     clients see that dialect's jobs.
     """
 
@@ -116,7 +117,7 @@ class QueueSnapshot:
         job_key, job_frame, job_client = self.broker.job_key, self.broker.job_frame, self.broker.job_client
         end = min(self.position + budget, len(self.jobs))
         for job, key in zip(self.jobs[self.position:end], self.keys[self.position:end], strict=True):
-            if job_key[job] is key:
+            if job_key[job] == key:
                 dialect = wire.key_dialect(key)
                 job_id, course_id, task_id, launcher, time_value = wire.queue_fields(job_frame[job], dialect)
                 self.waiting[dialect].append(
@@ -160,9 +161,10 @@ class BrokerLogic:
         self.dropped_by: Counter[str] = Counter()
         self.finished_by: Counter[tuple[int, str]] = Counter()
         self.removed_by: Counter[str] = Counter()
-        # Agents a send found gone (their connection closed); removed by drop_disconnected_agents.
-        self.agents_gone: set[bytes] = set()
-        self.snapshot: QueueSnapshot | None = None
+        # The core holds two attributes of this layer, so that its pump() can tell from C
+        # whether a wake-up left work: ``agents_gone``, the agents a send found gone (their
+        # connection closed; removed by drop_disconnected_agents), and ``snapshot``, the
+        # QueueSnapshot under way, or None.
         self.log_jobs = logger.isEnabledFor(logging.DEBUG)
         self._summary_at = time.monotonic()
         self._summary_done = 0

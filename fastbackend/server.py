@@ -294,12 +294,16 @@ class Backend:
         monitor_fd = self._monitor.getsockopt(zmq.FD)
         self._loop.add_reader(monitor_fd, self._on_monitor)
         fds = [agent_socket.getsockopt(zmq.FD), client_socket.getsockopt(zmq.FD)]
+        # A wake-up of either socket is one call of the core's pump (compiled: no Python
+        # frame), which calls _after_pump only when work is left.
+        self.broker.batch = BATCH
+        self.broker.after_pump = self._after_pump
         for fd in fds:
-            self._loop.add_reader(fd, self._pump)
+            self._loop.add_reader(fd, self.broker.pump)
         self._next_beat = self._loop.time() + HEARTBEAT_PERIOD
         self._timers = [self._loop.call_at(self._next_beat, self._heartbeat),
                         self._loop.call_later(self._summary_period, self._summary)]
-        self._pump()  # messages may have arrived before the readers were added
+        self.broker.pump()  # messages may have arrived before the readers were added
         self._on_monitor()
         try:
             await self._loop.create_future()
@@ -318,6 +322,7 @@ class Backend:
                 timer.cancel()
             if self._pump_handle is not None:
                 self._pump_handle.cancel()
+            self.broker.after_pump = None  # the broker may outlive this Backend: no cycle
             if metrics is not None:
                 await metrics.stop()
             agent_socket.close()
@@ -325,8 +330,12 @@ class Backend:
             logger.info("fastbackend stopped")
 
     def _pump(self) -> None:
+        """The pump scheduled when the last one left work."""
         self._pump_handle = None
-        more = self.broker.drain(BATCH)
+        self.broker.pump()
+
+    def _after_pump(self, more: bool) -> None:
+        """What a pump left: agents gone, a snapshot slice, and another pump if needed."""
         if self.broker.agents_gone:
             # A send of this batch (a dispatch) found an agent gone.
             self.broker.drop_disconnected_agents()
@@ -347,7 +356,7 @@ class Backend:
             self.broker.heartbeat()
         except Exception:
             logger.exception("heartbeat failed")
-        self._pump()  # drops the agents whose ping found them gone
+        self.broker.pump()  # drops the agents whose ping found them gone
 
     def _on_monitor(self) -> None:
         # The monitor's descriptor is edge-triggered like the others: read until EVENTS says empty.
@@ -384,7 +393,7 @@ class Backend:
             self._probe_unmatched -= self.broker.drop_disconnected_agents(probe=True)
         except Exception:
             logger.exception("probing the agents failed")
-        self._pump()
+        self.broker.pump()
         self._probe_round += 1
         if self._probe_unmatched > 0 and self._probe_round < len(PROBE_DELAYS) and self.broker.agents:
             # Connections closed that no removal accounts for yet: probe again, a bit later.
