@@ -131,6 +131,9 @@ def serve(args: argparse.Namespace) -> int:
     # in the operator's log format.
     from .allowlist import ZapEndpointBusy
     from .server import Backend
+    from .tuning import tune_malloc
+
+    root.debug("%s", tune_malloc())
 
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
