@@ -1308,3 +1308,20 @@ if not NO_EXTENSIONS:
         for i in range(len(frame)):
             for byte in (0x00, 0x7F, 0x80, 0xC1, 0xDD, 0xFF, frame[i] ^ 0x01):
                 agree(frame[:i] + bytes((byte,)) + frame[i + 1:])
+
+
+@SETTINGS
+@given(st.integers(0, 100), st.binary(max_size=4), st.integers(0, 100))
+def test_utf8_is_checked_wherever_a_long_ascii_run_breaks(before: int, middle: bytes, after: int) -> None:
+    """The scanner reads ASCII 32 and 8 bytes at a time: non-ASCII bytes at any offset of a
+    long str are checked exactly as Python's strict decoder checks them."""
+    raw = b"a" * before + middle + b"b" * after
+    try:
+        raw.decode("utf-8")
+        valid = True
+    except UnicodeDecodeError:
+        valid = False
+    frame = replace_value(KILL, "job_id", str_bytes(raw))
+    for impl in IMPLS.values():
+        result = outcome(impl.scan_client, frame, V05)
+        assert (result[0] == "ok") == valid, (impl, raw, result)
