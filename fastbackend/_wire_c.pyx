@@ -535,17 +535,8 @@ cdef object _int_value(const uchar* buf, Py_ssize_t pos):
 cdef bint _utf8_valid(const uchar* s, Py_ssize_t n) noexcept:
     """Well-formed UTF-8 (Unicode table 3-7), exactly what Python's strict decoder accepts."""
     cdef Py_ssize_t i = 0
-    cdef uint64_t word, w1, w2, w3
+    cdef uint64_t word
     cdef uchar c, c1
-    # Long ASCII runs (an input, an stdout) 32 bytes per step, one test for four words.
-    while i + 32 <= n:
-        memcpy(&word, s + i, 8)
-        memcpy(&w1, s + i + 8, 8)
-        memcpy(&w2, s + i + 16, 8)
-        memcpy(&w3, s + i + 24, 8)
-        if (word | w1 | w2 | w3) & 0x8080808080808080ULL:
-            break
-        i += 32
     while i < n:
         # ASCII eight bytes at a time: job ids and names are nearly always ASCII.
         if i + 8 <= n:

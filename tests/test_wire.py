@@ -1314,14 +1314,17 @@ if not NO_EXTENSIONS:
 @given(st.integers(0, 100), st.binary(max_size=4), st.integers(0, 100))
 def test_utf8_is_checked_wherever_a_long_ascii_run_breaks(before: int, middle: bytes, after: int) -> None:
     """The scanner reads ASCII 32 and 8 bytes at a time: non-ASCII bytes at any offset of a
-    long str are checked exactly as Python's strict decoder checks them."""
+    long str are checked exactly as Python's strict decoder checks them, in a top-level field
+    (_utf8_valid) and nested in a pass-through value (_skip's _str_valid)."""
     raw = b"a" * before + middle + b"b" * after
     try:
         raw.decode("utf-8")
         valid = True
     except UnicodeDecodeError:
         valid = False
-    frame = replace_value(KILL, "job_id", str_bytes(raw))
+    top_level = replace_value(KILL, "job_id", str_bytes(raw))
+    nested = replace_value(new_job(), "inputdata", b"\x81" + pack("answer") + str_bytes(raw))
     for impl in IMPLS.values():
-        result = outcome(impl.scan_client, frame, V05)
-        assert (result[0] == "ok") == valid, (impl, raw, result)
+        for frame in (top_level, nested):
+            result = outcome(impl.scan_client, frame, V05)
+            assert (result[0] == "ok") == valid, (impl, raw, result)
