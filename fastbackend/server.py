@@ -62,14 +62,31 @@ PROBE_DELAYS = (0.0, 0.01, 0.05, 0.2)
 #: flood of connections opened and closed on the agent port costs at most a few pings per
 #: agent per second.  The heartbeat's pings still find a closed agent within a second.
 PROBE_SPACING = 0.5
-#: ZMTP heartbeats on agent connections: libzmq pings each connection every
-#: ``AGENT_ZMTP_HEARTBEAT[0]`` ms and closes one silent for ``AGENT_ZMTP_HEARTBEAT[1]`` ms
-#: (any frame, a pong included, counts).  The broker's own pings decide removals (six missed,
-#: 6-7 s, as stock); the timeout is longer, so that a network cut shorter than the ping
-#: budget never removes an agent, and only reclaims a connection nobody answers on (the
-#: real agent restarts on a new connection after 10 s without a ping), rather than
-#: leaving a half-open TCP connection to a vanished host for TCP's own ~15 minutes.
-AGENT_ZMTP_HEARTBEAT = (1000, 10000)
+#: Listen backlog of both sockets (``ZMQ_BACKLOG``; the kernel caps it at ``net.core.somaxconn``,
+#: 4096 by default since Linux 5.4).  libzmq's default, 100, overflows when every agent
+#: reconnects at once (a backend restart): the kernel then drops their SYNs and each retries
+#: after 1, 3, 7, 15 s..., which spread the registration of 10,000 agents over 36 s.
+LISTEN_BACKLOG = 4096
+#: How agent connections that went silent at the TCP level are reclaimed, by the kernel: one
+#: whose sent data stays unacknowledged this long (ms) is closed (``ZMQ_TCP_MAXRT``, Linux's
+#: ``TCP_USER_TIMEOUT``), and an idle one is probed by TCP keepalives (after
+#: :data:`AGENT_KEEPALIVE` ``[0]`` s idle, then every ``[1]`` s) under the same timeout.  The
+#: broker pings each agent every second, so a cut or vanished host closes ~10 s after its
+#: first unanswered ping rather than after TCP's own ~15 minutes; the broker's own pings still
+#: decide removals (six missed, 6-7 s, as stock), and a cut shorter than the timeout closes
+#: nothing.  A frozen agent process (SIGSTOP) keeps its connection, its kernel still
+#: acknowledging: it is removed by the missed pings, and the connection ends when the agent,
+#: thawed, restarts on a new one (after 10 s without a ping), or is killed.
+#:
+#: Not ZMTP heartbeats (``ZMQ_HEARTBEAT_IVL``/``_TIMEOUT``), which the agent socket had: after
+#: each heartbeat PING, libzmq cancels that connection's timeout timer on the next frame it
+#: receives, by a linear scan of its I/O thread's list of every connection's timers
+#: (``poller_base_t::cancel_timer``).  With N agents pinged every second that is O(N²) work
+#: per second in the one I/O thread: at about 8,000 agents it took the whole thread, which
+#: then accepted almost no new connection, and registration stalled (benchmarks/README.md,
+#: "Scale and soak").  The kernel's timers cost nothing per frame.
+AGENT_TCP_TIMEOUT_MS = 10_000
+AGENT_KEEPALIVE = (10, 1)
 SUMMARY_PERIOD = 30.0
 
 
@@ -129,7 +146,7 @@ def log_like_inginious() -> bool:
 
 
 def make_router(context: zmq.Context, address: str, role: str = "",
-                zap_domain: bytes | None = None, heartbeat: tuple[int, int] | None = None) -> zmq.Socket:
+                zap_domain: bytes | None = None, tcp_timeout_ms: int | None = None) -> zmq.Socket:
     """A ROUTER socket set up so that it never drops a frame silently.
 
     ROUTER drops frames for a peer whose pipe is full (send high-water mark, 1000 by
@@ -139,9 +156,10 @@ def make_router(context: zmq.Context, address: str, role: str = "",
     is refused by libzmq itself, before it is buffered.
 
     ``zap_domain`` makes every connection ask the ZAP handler (the allowlist) first;
-    ``role`` ("agent", "client") names the address in a bind error.  ``heartbeat``: ZMTP
-    heartbeat (interval, timeout) in ms.  All are set before the bind: libzmq's listener
-    copies the options then, for every connection it accepts.
+    ``role`` ("agent", "client") names the address in a bind error.  ``tcp_timeout_ms``: the
+    kernel closes a TCP connection whose data (or keepalive probe) stays unacknowledged that
+    long (see :data:`AGENT_TCP_TIMEOUT_MS`).  All are set before the bind: libzmq's listener
+    copies the options then, for every connection it accepts (the backlog, for its listen()).
     """
     socket = context.socket(zmq.ROUTER)
     socket.ipv6 = True
@@ -150,9 +168,14 @@ def make_router(context: zmq.Context, address: str, role: str = "",
     socket.setsockopt(zmq.LINGER, 1000)
     # libzmq disconnects a peer that announces a larger frame before buffering it.
     socket.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_SIZE)
-    if heartbeat is not None:
-        socket.setsockopt(zmq.HEARTBEAT_IVL, heartbeat[0])
-        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat[1])
+    socket.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
+    if tcp_timeout_ms is not None:
+        socket.setsockopt(zmq.TCP_MAXRT, tcp_timeout_ms)
+        socket.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        socket.setsockopt(zmq.TCP_KEEPALIVE_IDLE, AGENT_KEEPALIVE[0])
+        socket.setsockopt(zmq.TCP_KEEPALIVE_INTVL, AGENT_KEEPALIVE[1])
+        # Where TCP_MAXRT is not supported, the probes' count bounds an idle connection alike.
+        socket.setsockopt(zmq.TCP_KEEPALIVE_CNT, max(1, tcp_timeout_ms // 1000 // AGENT_KEEPALIVE[1]))
     if zap_domain is not None:
         socket.setsockopt(zmq.ZAP_DOMAIN, zap_domain)
         # Without a handler, refuse (libzmq would otherwise let NULL connections in).
@@ -260,7 +283,7 @@ class Backend:
 
     async def _serve(self, domains: dict[str, bytes]) -> None:
         agent_socket = make_router(self._context, self._agent_addr, "agent", domains.get("agent"),
-                                   AGENT_ZMTP_HEARTBEAT)
+                                   AGENT_TCP_TIMEOUT_MS)
         try:
             client_socket = make_router(self._context, self._client_addr, "client", domains.get("client"))
         except BaseException:

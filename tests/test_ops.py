@@ -1,6 +1,6 @@
 """Day-one operator details, in-process: the idle "alive" line, logging where INGInious
-operators look (local mode), and running the webapp's local mode on fastbackend without
-editing INGInious."""
+operators look (local mode), running the webapp's local mode on fastbackend without
+editing INGInious, and the socket options that let thousands of agents connect."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import zmq
 from peers.broker import REPO_ROOT
 from test_allowlist import running
 
-from fastbackend import Backend
+from fastbackend import Backend, server
 
 
 @pytest.fixture
@@ -75,6 +75,32 @@ def test_no_inginious_logging_leaves_fastbackend_logging_alone(ctx):
     assert not logging.getLogger("inginious").handlers
     Backend(ctx, "inproc://a", "inproc://b")
     assert ours.propagate and not ours.handlers
+
+
+def test_sockets_listen_deep_and_leave_silent_agent_connections_to_the_kernel(ctx, monkeypatch):
+    """Both sockets get a listen queue of LISTEN_BACKLOG (libzmq's 100 overflowed when 10,000
+    agents reconnected at once), and the agent socket has no ZMTP heartbeat: libzmq cancels a
+    heartbeat's timeout timer by a linear scan of every connection's timers, O(N²) per second
+    with N agents, which stopped the broker accepting near 8,000 of them.  The kernel closes
+    silent agent connections instead (TCP_MAXRT, keepalives)."""
+    options = (zmq.BACKLOG, zmq.HEARTBEAT_IVL, zmq.TCP_MAXRT, zmq.TCP_KEEPALIVE)
+    seen: dict[str, dict[int, int]] = {}
+    make_router = server.make_router
+
+    def recording(*args, **kwargs) -> zmq.Socket:
+        # Read here, in the serving thread, right after the socket is made.
+        socket = make_router(*args, **kwargs)
+        seen[args[2]] = {option: socket.getsockopt(option) for option in options}
+        return socket
+
+    monkeypatch.setattr(server, "make_router", recording)
+    with running(ctx, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*"):
+        pass
+    assert seen["agent"] == {zmq.BACKLOG: server.LISTEN_BACKLOG, zmq.HEARTBEAT_IVL: 0,
+                             zmq.TCP_MAXRT: server.AGENT_TCP_TIMEOUT_MS, zmq.TCP_KEEPALIVE: 1}
+    assert seen["client"] == {zmq.BACKLOG: server.LISTEN_BACKLOG, zmq.HEARTBEAT_IVL: 0,
+                              zmq.TCP_MAXRT: 0, zmq.TCP_KEEPALIVE: -1}
+    assert server.LISTEN_BACKLOG > 1000
 
 
 def test_local_mode_hook_replaces_the_stock_backend_class(tmp_path):
