@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from peers.broker import CONFIGS, LOG_LINE, REPO_ROOT, BrokerProcess, free_tcp_address
@@ -101,6 +103,31 @@ def test_verbose_shows_debug_lines(tmp_path, zctx, verbose):
     lines = broker.log().splitlines()
     assert lines and all(LOG_LINE.match(line) for line in lines), lines
     assert bool(broker.log_lines("DEBUG")) == verbose
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads /proc/PID/limits")
+def test_serve_raises_its_descriptor_limit_to_the_hard_one(tmp_path, zctx):
+    """Each agent costs the broker a descriptor: at a soft limit of 1,024 (a shell's or a
+    systemd service's default) it would stop accepting agents near a thousand."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 512:
+        pytest.skip(f"hard descriptor limit {hard}: nothing to raise the soft one to")
+    broker = _broker(tmp_path)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))  # the broker inherits it
+    try:
+        broker.start_on_free_ports()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        (line,) = broker.log_lines("INFO", "descriptor limit")
+        assert f"raised from 512 to the hard limit, {hard}" in line, line
+        limits = Path(f"/proc/{broker.proc.pid}/limits").read_text().splitlines()
+        (row,) = [row for row in limits if row.startswith("Max open files")]
+        assert row.split()[3:5] == [str(hard), str(hard)], row
+        assert_serving(zctx, broker.agent_addr, broker.client_addr)
+    finally:
+        code = broker.stop()
+    broker.check_clean_exit(code)
 
 
 def test_bad_address_fails_with_a_clear_error(tmp_path):
