@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import logging
 import os
-import resource
 import signal
 import sys
 
@@ -121,24 +120,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def raise_descriptor_limit() -> tuple[int, int]:
-    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; returns (before, after).
-
-    Every agent and client costs the broker one descriptor (its TCP connection).  A soft
-    limit of 1,024, the default of a login shell and of a systemd service without
-    ``LimitNOFILE=``, would stop it accepting agents near a thousand; the hard limit is the
-    ceiling the operator set, and raising the soft one up to it needs no privilege.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft >= hard:
-        return soft, soft  # unlimited hard limits are refused as a soft value on some systems
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ValueError, OSError):
-        return soft, soft
-    return soft, hard
-
-
 def serve(args: argparse.Namespace) -> int:
     level = logging.DEBUG if args.verbose else logging.INFO
     handler = logging.StreamHandler()
@@ -150,7 +131,7 @@ def serve(args: argparse.Namespace) -> int:
     # in the operator's log format.
     from .allowlist import ZapEndpointBusy
     from .server import Backend
-    from .tuning import tune_malloc
+    from .tuning import raise_descriptor_limit, tune_malloc
 
     root.debug("%s", tune_malloc())
 

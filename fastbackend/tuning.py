@@ -1,5 +1,8 @@
 """Tuning that ``fastbackend serve`` applies to its own process, and only there: a process
-that embeds the ``Backend`` (the webapp's local mode) keeps its allocator as its owner set it.
+that embeds the ``Backend`` (the webapp's local mode) keeps its limits and its allocator as
+its owner set them.
+
+Descriptors: see ``raise_descriptor_limit``.  Malloc: see below and ``tune_malloc``.
 
 glibc serves an allocation of 128 KiB or more with an mmap of its own and gives it back with
 munmap when it is freed (the threshold adapts upward, but trimming the heap top still hands
@@ -16,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import resource
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
@@ -42,3 +46,21 @@ def tune_malloc() -> str:
         return "malloc left as it is (mallopt refused the thresholds)"
     return (f"malloc: buffers up to {MMAP_THRESHOLD >> 20} MiB from the heap, "
             f"{TRIM_THRESHOLD >> 20} MiB of free heap kept before trimming")
+
+
+def raise_descriptor_limit() -> tuple[int, int]:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; returns (before, after).
+
+    Every agent and client costs the broker one descriptor (its TCP connection).  A soft
+    limit of 1,024, the default of a login shell and of a systemd service without
+    ``LimitNOFILE=``, would stop it accepting agents near a thousand; the hard limit is the
+    ceiling the operator set, and raising the soft one up to it needs no privilege.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft >= hard:
+        return soft, soft  # unlimited hard limits are refused as a soft value on some systems
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, hard
