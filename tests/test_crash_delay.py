@@ -151,6 +151,15 @@ def test_frozen_agent_removed_by_missed_pings_then_returns(tmp_path):
         broker.check_clean_exit(broker.stop())
 
 
+def removal_counts(broker: BrokerProcess, runs: int) -> tuple[int, int]:
+    """(killed agents removed, false removals) from the broker's log: both backends log a WARNING
+    with "removing" and the agent's friendly name; each ``victimN`` was SIGKILLed, anything else
+    removed (or a victim removed twice) is a false removal."""
+    lines = broker.log_lines("WARNING", "removing")
+    victims = [sum(f"(victim{run})" in line for line in lines) for run in range(runs)]
+    return sum(1 for n in victims if n), len(lines) - sum(1 for n in victims if n)
+
+
 if __name__ == "__main__":
     import tempfile
 
@@ -161,8 +170,10 @@ if __name__ == "__main__":
         process.start_on_free_ports()
         try:
             found = crash_delays(process, Path(folder), runs)
+            removed, false_removals = removal_counts(process, runs)
         finally:
             process.stop()
     print(f"{name}: crash result after SIGKILL of the agent, {runs} runs: "
           f"p50 {statistics.median(found):.3f} s, max {max(found):.3f} s "
-          f"({', '.join(f'{d:.3f}' for d in found)})")
+          f"({', '.join(f'{d:.3f}' for d in found)}); "
+          f"killed agents removed {removed}/{runs}, false removals {false_removals}")
