@@ -187,3 +187,29 @@ def test_pinned_05_gives_a_09_peer_nothing(broker, zctx, side):
         assert len(_dialect_warnings(broker)) == 1, _dialect_warnings(broker)
     finally:
         stranger.close()
+
+
+@pytest.mark.brokers(*IMPL_CONFIGS)
+def test_a_frame_of_the_other_dialect_is_answered_in_that_dialect(broker, zctx):
+    """A client registered in one dialect that sends a frame of the other gets ``Unknown`` in
+    the frame's dialect (the answer a client speaking that dialect understands: it says hello
+    again), and is still served in its own.  The process-level fuzzer's oracle once expected
+    every reply in the registered dialect (tests/fuzz/fuzz_process.py, ``received``)."""
+    c05, c09 = RawClient(zctx, broker.client_addr), RawClient09(zctx, broker.client_addr)
+    try:
+        c05.hello("0.5-client")
+        c09.hello("0.9-client")
+        c05.recv_type("backend_update_containers")
+        c09.recv_type("BackendUpdateEnvironments")
+        c05.send_message({"@type": "Ping"})
+        assert c05.recv() == {"@type": "Unknown"}
+        c09.send_message({"type": "ping"})
+        assert c09.recv() == {"type": "unknown"}
+        c05.send("ping")
+        assert c05.recv() == {"type": "pong"}
+        c09.send("Ping")
+        assert c09.recv() == {"@type": "Pong"}
+        assert_serving(zctx, broker.agent_addr, broker.client_addr)
+    finally:
+        c05.close()
+        c09.close()

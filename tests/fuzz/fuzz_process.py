@@ -13,8 +13,10 @@ One broker (``tests/peers/broker.py`` BrokerProcess; ``FASTBACKEND_FUZZ_BROKER``
 
 Checked: every good job ends with exactly one result, the one its agent sent, nothing
 after it; every frame any peer receives loads with its receiver's loader and has the
-exact key set; the broker stays alive; its RSS after warm-up stays flat (within
-``max(50 %, 64 MiB)`` of the warm-up figure).  Bounded by ``FASTBACKEND_FUZZ_SECONDS``
+exact key set (an adversary that sent a frame of the other dialect, a mutated copy of one
+it saw, may be answered in that dialect: the broker answers a frame in the frame's own);
+the broker stays alive; its RSS after warm-up stays flat (within ``max(50 %, 64 MiB)`` of
+the warm-up figure).  Bounded by ``FASTBACKEND_FUZZ_SECONDS``
 (30) and ``FASTBACKEND_FUZZ_FRAMES`` (adversarial frames; unbounded by default);
 ``FASTBACKEND_FUZZ_SEED`` makes a run repeatable.  Exit status 1 on a finding.
 """
@@ -117,11 +119,16 @@ def run(seconds: float, max_frames: int | None, seed: int, config: str) -> dict:
         sockets[identity] = (s, dialect, side)
         return s
 
-    stats = {"adversarial frames": 0, "good jobs": 0, "good results": 0, "frames received": 0}
+    stats = {"adversarial frames": 0, "good jobs": 0, "good results": 0, "frames received": 0,
+             "replies in an adversary's other dialect": 0}
     pending: dict[tuple[int, str], bool] = {}  # good jobs without a result yet
     done: set[tuple[int, str]] = set()
     running: dict[int, list] = {V05: [], V09: []}  # job ids (as the agent saw them) on the good agents
-    seen_frames: list[bytes] = []  # real frames, for mutation
+    seen_frames: list[tuple[bytes, int]] = []  # real frames and their dialect, for mutation
+    # The dialects each adversary has sent frames of: a mutated frame of the other dialect
+    # may still scan, and the broker answers a frame in its own dialect (an `Unknown` to a
+    # 0.5-registered client that sent a 0.9 frame), so that adversary may get either dialect.
+    spoken: dict[bytes, set[int]] = {}
     numbers = iter(range(10**9))
     try:
         for d in (V05, V09):
@@ -160,7 +167,9 @@ def run(seconds: float, max_frames: int | None, seed: int, config: str) -> dict:
             for _ in range(rnd.randrange(1, 30)):
                 identity = rnd.choice(adversaries)
                 s, d, side = sockets[identity]
-                s.send(adversarial(rnd, d, side, seen_frames, running))
+                frame, dialect = adversarial(rnd, d, side, seen_frames, running)
+                s.send(frame)
+                spoken.setdefault(identity, {d}).add(dialect)
                 stats["adversarial frames"] += 1
             for s, _event in poller.poll(10):
                 identity = s.getsockopt(zmq.ROUTING_ID)
@@ -171,16 +180,14 @@ def run(seconds: float, max_frames: int | None, seed: int, config: str) -> dict:
                     except zmq.Again:
                         break
                     stats["frames received"] += 1
-                    try:
-                        message = check_backend_frame(frame, d)
-                    except Exception as exc:
-                        raise Finding(f"{identity!r} got a frame its loader refuses: {exc!r} "
-                                      f"{frame[:200]!r}") from exc
+                    message, dialect = received(identity, d, frame, spoken.get(identity, {d}))
+                    if dialect != d:
+                        stats["replies in an adversary's other dialect"] += 1
                     if len(seen_frames) < 200:
-                        seen_frames.append(frame)
+                        seen_frames.append((frame, dialect))
                     elif rnd.random() < 0.05:
-                        seen_frames[rnd.randrange(200)] = frame
-                    handle(identity, d, message, sockets, pending, done, running, stats)
+                        seen_frames[rnd.randrange(200)] = (frame, dialect)
+                    handle(identity, dialect, message, sockets, pending, done, running, stats)
             if broker.proc.poll() is not None:
                 raise Finding(f"the broker exited with status {broker.proc.returncode}")
         # Drain: no more adversaries; every good job must end.
@@ -194,7 +201,8 @@ def run(seconds: float, max_frames: int | None, seed: int, config: str) -> dict:
                         frame = s.recv(zmq.DONTWAIT)
                     except zmq.Again:
                         break
-                    handle(identity, d, check_backend_frame(frame, d), sockets, pending, done, running, stats)
+                    message, dialect = received(identity, d, frame, spoken.get(identity, {d}))
+                    handle(identity, dialect, message, sockets, pending, done, running, stats)
         if pending:
             raise Finding(f"{len(pending)} good jobs got no result, e.g. {sorted(pending)[:3]}")
         if broker.proc.poll() is not None:
@@ -212,15 +220,35 @@ def run(seconds: float, max_frames: int | None, seed: int, config: str) -> dict:
     return stats
 
 
-def adversarial(rnd: random.Random, d: int, side: str, seen: list[bytes], running: dict[int, list]) -> bytes:
+def received(identity: bytes, d: int, frame: bytes, dialects: set[int]) -> tuple[dict, int]:
+    """A frame a peer of dialect ``d`` got: it must load with that peer's loader and have the
+    exact key set; an adversary's may be of another dialect it has itself sent frames of."""
+    errors = []
+    for dialect in sorted(dialects, key=lambda x: x != d):  # its own dialect first
+        try:
+            return check_backend_frame(frame, dialect), dialect
+        except Exception as exc:
+            errors.append(exc)
+    raise Finding(f"{identity!r} (dialect {d}, has sent frames of {sorted(dialects)}) got a frame "
+                  f"its loader refuses: {errors[0]!r} {frame[:200]!r}") from errors[0]
+
+
+def adversarial(rnd: random.Random, d: int, side: str, seen: list[tuple[bytes, int]],
+                running: dict[int, list]) -> tuple[bytes, int]:
+    """A frame for an adversary of dialect ``d`` to send, and the dialect it is written in."""
     roll = rnd.random()
     if roll < 0.15:
-        return rnd.randbytes(rnd.randrange(0, 64))
+        return rnd.randbytes(rnd.randrange(0, 64)), d
     if roll < 0.45 and seen:
-        frame = bytearray(rnd.choice(seen))
+        source, dialect = rnd.choice(seen)
+        frame = bytearray(source)
         for _ in range(rnd.randrange(1, 4)):
             frame[rnd.randrange(len(frame))] = rnd.randrange(256)
-        return bytes(frame)
+        return bytes(frame), dialect
+    return forged(rnd, d, side, running), d
+
+
+def forged(rnd: random.Random, d: int, side: str, running: dict[int, list]) -> bytes:
     if side == "agent":
         jobs = running[d] + running[1 - d]
         job_id = rnd.choice(jobs) if jobs else ("x" if d == V09 else (b"x", "x"))
@@ -282,8 +310,8 @@ def handle(identity: bytes, d: int, message: dict, sockets, pending, done, runni
                 del pending[job]
                 done.add(job)
                 stats["good results"] += 1
-        elif msgtype in ("unknown",):
-            raise Finding("the good client was told 'unknown'")
+        elif msgtype in ("unknown", "Unknown"):
+            raise Finding(f"the good client was told {msgtype!r}")
 
 
 def main() -> int:
