@@ -154,7 +154,11 @@ def run(seconds: float, max_frames: int | None, seed: int, config: str) -> dict:
         while time.monotonic() < deadline:
             if max_frames is not None and stats["adversarial frames"] >= max_frames:
                 break
-            if warm_rss is None and time.monotonic() > start + seconds / 4:
+            # The RSS baseline: a quarter into the run, by time or, when bounded, by frames
+            # (a run bounded by frames would otherwise end before a quarter of its seconds and
+            # skip the RSS check).
+            if warm_rss is None and (time.monotonic() > start + seconds / 4 or (
+                    max_frames is not None and stats["adversarial frames"] >= max_frames // 4)):
                 warm_rss = rss_kib(broker.pid)
             # Good clients keep OUTSTANDING jobs in flight.
             for d in (V05, V09):
