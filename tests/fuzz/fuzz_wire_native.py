@@ -223,12 +223,17 @@ def main() -> int:
             (corpus / f"seed-{i}").write_bytes(seed)
 
     clang = find_clang()
-    built = build(clang) if clang else None
+    built = None
+    if clang:
+        try:
+            built = build(clang)
+        except (OSError, subprocess.CalledProcessError) as exc:  # a toolchain problem, not a finding
+            print(f"fuzz_wire_native: building the instrumented module failed: {exc}", flush=True)
     env = dict(os.environ)
     if built is None:
-        print(f"fuzz_wire_native: FALLBACK mode (clang: {clang or 'not found'}; no libFuzzer archive"
-              f" if clang was found): the installed _wire_c, Python-level coverage of the harness only",
-              flush=True)
+        print(f"fuzz_wire_native: FALLBACK mode (clang: {clang or 'not found'}; if found, no libFuzzer"
+              f" archive or the build failed): the installed _wire_c, Python-level coverage of the"
+              f" harness only", flush=True)
         env[CHILD_ENV] = ""
     else:
         module, preload = built
