@@ -20,6 +20,7 @@ Run: ``python tests/fuzz/fuzz_broker.py [libFuzzer flags]`` (``run.py`` does).
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -97,6 +98,11 @@ def replay(core_class: type, script: list[tuple]) -> dict[str, list[bytes]]:
     inbox: dict[str, list[bytes]] = {name: [] for name in CLIENTS + AGENTS}
     jobs_seen: dict[str, list] = {name: [] for name in AGENTS}
     submitted: dict[str, list[str]] = {name: [] for name in CLIENTS}
+    # How often each client sent each job id in a new-job frame, mutated ones included: an id
+    # sent twice (a mutation that kept it, then another) gets a duplicate answer beside its
+    # result, or, sent again after its result, a second result; `check` holds only the ids
+    # sent once to "nothing after the result".
+    sent_ids: dict[str, collections.Counter] = {name: collections.Counter() for name in CLIENTS}
     latest: dict[tuple[str, int], str] = {}
     numbers = itertools.count()
 
@@ -136,6 +142,7 @@ def replay(core_class: type, script: list[tuple]) -> dict[str, list[bytes]]:
             if kind == "job":
                 latest[(who, step[2])] = job_id = f"{who}-{step[2]}-{next(numbers)}"
                 submitted[who].append(job_id)
+                sent_ids[who][job_id] += 1
                 h.send(who, core.new_job9(job_id, step[3], priority=step[4]) if v09
                        else core.new_job(job_id, step[3]))
             elif kind == "reuse":
@@ -163,10 +170,15 @@ def replay(core_class: type, script: list[tuple]) -> dict[str, list[bytes]]:
                 h.send(who, step[2])
             elif kind == "mutate":
                 if who in DIALECT_OF and who in CLIENTS:
-                    frame = (core.new_job9(f"{who}-m{step[2]}") if v09 else core.new_job(f"{who}-m{step[2]}"))
+                    job_id = f"{who}-m{step[2]}-{next(numbers)}"
+                    frame = _edit(core.new_job9(job_id) if v09 else core.new_job(job_id), step[3])
+                    sent = _job_id_in(frame)
+                    if sent is not None:
+                        sent_ids[who][sent] += 1
                 else:
-                    frame = agent_frame(("started", "done", "ssh")[step[2] % 3], who, some_job(who, step[2]))
-                h.send(who, _edit(frame, step[3]))
+                    frame = _edit(agent_frame(("started", "done", "ssh")[step[2] % 3], who,
+                                              some_job(who, step[2])), step[3])
+                h.send(who, frame)
             collect()
         # The end: every agent removed (seven silent heartbeats), then every client kills
         # each of its jobs; every job must then have had exactly one result.
@@ -180,11 +192,21 @@ def replay(core_class: type, script: list[tuple]) -> dict[str, list[bytes]]:
         collect()
     finally:
         h.close()
-    check(inbox, submitted)
+    check(inbox, submitted, sent_ids)
     return inbox
 
 
-def check(inbox: dict[str, list[bytes]], submitted: dict[str, list[str]]) -> None:
+def _job_id_in(frame: bytes) -> object:
+    """The job id a (mutated) new-job frame carries as msgpack reads it, or None."""
+    try:
+        message = protocol.decode(frame)
+    except Exception:
+        return None
+    return message.get("job_id") if isinstance(message, dict) else None
+
+
+def check(inbox: dict[str, list[bytes]], submitted: dict[str, list[str]],
+          sent_ids: dict[str, collections.Counter]) -> None:
     for name, frames in inbox.items():
         for frame in frames:
             check_backend_frame(frame, DIALECT_OF[name])
@@ -196,6 +218,8 @@ def check(inbox: dict[str, list[bytes]], submitted: dict[str, list[str]]) -> Non
             msgtype, job_id = message[d.type_key], message.get("job_id")
             if msgtype not in AFTER_TYPES or not str(job_id).startswith(f"{name}-"):
                 continue  # not a job of this client's own (a "reuse" step's duplicate answer)
+            if sent_ids[name][job_id] > 1:
+                continue  # sent more than once: more than one answer is the protocol
             assert job_id not in results, f"{name}: {msgtype} for {job_id} after its result"
             if msgtype in RESULT_TYPES:
                 results[job_id] = 1
