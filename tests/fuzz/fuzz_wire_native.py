@@ -242,6 +242,10 @@ def main() -> int:
         env[CHILD_ENV] = str(module)
         env["LD_PRELOAD"] = " ".join(map(str, preload))
         env["ASAN_OPTIONS"] = ASAN_OPTIONS
+        # Every Python object from malloc, not from pymalloc's arenas: ASan puts its redzones
+        # around malloc blocks only, so a read past the end of a small frame (a bytes object
+        # of under 512 bytes) would otherwise land on a neighbour in the arena, unseen.
+        env["PYTHONMALLOC"] = "malloc"
     result = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], env=env)
     if result.returncode != 0:
         return result.returncode
