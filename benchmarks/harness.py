@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from brokers import Broker, BrokerFactory
 
@@ -47,17 +48,22 @@ class Peer:
         deadline = time.monotonic() + timeout
         while b"\n" not in self._buffer:
             left = deadline - time.monotonic()
-            if left <= 0 or self.proc.poll() is not None and not self._selector.select(0):
-                self.stop()
-                err = self.proc.stderr.read().decode(errors="replace")[-3000:]
-                raise RuntimeError(f"{self.role} generator: no answer within {timeout:.0f} s\n{err}")
+            if left <= 0:
+                self._fail(f"no answer within {timeout:.0f} s")
             if self._selector.select(min(left, 1.0)):
                 chunk = os.read(self.proc.stdout.fileno(), 65536)
-                if not chunk and self.proc.poll() is not None:
-                    continue
+                if not chunk:
+                    # End of file: the process closed its stdout or exited.  (The pipe then
+                    # stays "readable" for ever: waiting on would spin until the deadline.)
+                    self._fail("its output ended before the answer")
                 self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
         return json.loads(line)
+
+    def _fail(self, what: str) -> NoReturn:
+        self.stop()
+        err = self.proc.stderr.read().decode(errors="replace")[-3000:]
+        raise RuntimeError(f"{self.role} generator: {what} (exit status {self.proc.poll()})\n{err}")
 
     def tell(self, command: dict | str) -> None:
         """Send ``command`` without waiting for its answer (read it later with :meth:`read`)."""
