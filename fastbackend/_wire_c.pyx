@@ -1299,6 +1299,15 @@ def submission_state(bytes frame not None, int dialect=V09) -> object:
     raise AssertionError("inputdata not in a scanned ClientNewJob")  # the key set was checked
 
 
+cdef Py_ssize_t _scan_to_splice(bytes frame, bytes client_identity, int dialect, Scan* s) except -1:
+    """Scan a client_new_job frame to splice it for ``client_identity``; the identity's length."""
+    cdef Py_ssize_t ident_len = len(client_identity)
+    if ident_len < 1 or ident_len > 255:
+        raise WireError("client identity must be 1..255 bytes")
+    _scan_new_job(frame, dialect, s)
+    return ident_len
+
+
 def splice_new_job(bytes frame not None, bytes client_identity not None, int dialect=V05) -> bytes:
     """client_new_job frame -> backend_new_job frame, by the dialect's rule.
 
@@ -1308,11 +1317,8 @@ def splice_new_job(bytes frame not None, bytes client_identity not None, int dia
     """
     cdef Scan s
     cdef const char* buf = PyBytes_AS_STRING(frame)
-    cdef Py_ssize_t ident_len = len(client_identity)
+    cdef Py_ssize_t ident_len = _scan_to_splice(frame, client_identity, dialect, &s)
     cdef Py_ssize_t size, written
-    if ident_len < 1 or ident_len > 255:
-        raise WireError("client identity must be 1..255 bytes")
-    _scan_new_job(frame, dialect, &s)
     size = new_job_size(&s, ident_len)
     out = PyBytes_FromStringAndSize(NULL, size)
     written = write_new_job(PyBytes_AS_STRING(out), buf, &s, PyBytes_AS_STRING(client_identity), ident_len)
@@ -1327,11 +1333,8 @@ def splice_new_job_planned(bytes frame not None, bytes client_identity not None,
     cdef Scan s
     cdef NewJobPlan plan
     cdef const char* buf = PyBytes_AS_STRING(frame)
-    cdef Py_ssize_t ident_len = len(client_identity)
+    cdef Py_ssize_t ident_len = _scan_to_splice(frame, client_identity, dialect, &s)
     cdef Py_ssize_t size, written
-    if ident_len < 1 or ident_len > 255:
-        raise WireError("client identity must be 1..255 bytes")
-    _scan_new_job(frame, dialect, &s)
     if plan_new_job(&s, &plan) != 0:
         raise AssertionError("the new-job rule changes more entries than a plan holds")
     size = planned_new_job_size(buf, len(frame), &plan, s.dialect, ident_len)

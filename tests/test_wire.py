@@ -25,6 +25,7 @@ from typing import Any
 import msgpack
 import pytest
 from fuzz.receivers import receiver_loads
+from fuzz.wire_common import outcome  # a call's result, or its WireError reason (and dialect)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,8 +39,6 @@ from fastbackend.protocol import (
     MAX_FRAME_SIZE,
     V05,
     V09,
-    WireError,
-    WrongDialect,
     v05,
     v09,
 )
@@ -82,18 +81,6 @@ SETTINGS = settings(
 def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
-
-def outcome(fn: Any, *args: Any) -> tuple[Any, ...]:
-    """A call's result, its WireError reason, or WrongDialect's dialect and reason.
-
-    Any other exception fails the test.
-    """
-    try:
-        return "ok", fn(*args)
-    except WrongDialect as exc:
-        return "wrong dialect", exc.dialect, str(exc)
-    except WireError as exc:
-        return "error", str(exc)
 
 
 def wrong(dialect: int) -> tuple[Any, ...]:
