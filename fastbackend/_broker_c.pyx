@@ -344,6 +344,13 @@ cdef class BrokerCore:
         """job index -> its dispatch time (time.time()), 0.0 for a job never sent."""
         return JobColumn(self, COLUMN_STARTED)
 
+    cdef JobRecord* _record(self, Py_ssize_t job) except NULL:
+        """A job's record; KeyError (one internal error, as the pure core's dict would raise)
+        rather than a crash if the broker and the scheduler ever disagree about a job."""
+        if job < 0 or job >= self.job_cap or self.job_rec[job] == NULL:
+            raise KeyError(f"job {job} has no record")
+        return self.job_rec[job]
+
     cdef object _column(self, Py_ssize_t job, int column):
         cdef JobRecord* rec
         if job < 0 or job >= self.job_cap:
@@ -624,7 +631,7 @@ cdef class BrokerCore:
         """Send a job that waited: spliced from its record, by its plan."""
         cdef Scan scan
         cdef fb_zmq_msg_t out
-        cdef JobRecord* rec = self.job_rec[job]
+        cdef JobRecord* rec = self._record(job)
         cdef const char* frame = _rec_frame(rec)
         cdef Py_ssize_t size, written
         if not rec.planned:  # never so for the dialects' rules, but the scan would do
@@ -704,7 +711,7 @@ cdef class BrokerCore:
         self._forget(job)
 
     cdef int _forget(self, int job) except -1:
-        cdef JobRecord* rec = self.job_rec[job]
+        cdef JobRecord* rec = self._record(job)
         index_remove(&self.job_index, rec.tag, job)
         self.job_rec[job] = NULL
         free(rec)
