@@ -309,13 +309,17 @@ cdef class BrokerCore:
             self.scratch_cap = size
         return self.scratch
 
+    cdef inline int _job_of(self, const char* key, Py_ssize_t size, uint32_t tag) noexcept:
+        """The job whose key is ``key[:size]`` (hash tag ``tag``), or -1."""
+        cdef uint32_t job = index_find(&self.job_index, tag, key, size, _job_key_of, <void*>&self.job_rec)
+        return -1 if job == INDEX_NONE else <int>job
+
     cdef int _find_job(self, int dialect, const char* ident, Py_ssize_t ident_len,
                        const char* job_id, Py_ssize_t job_id_len) except -2:
         """The job of that key (see wire.job_key), or -1."""
         cdef char* key = self._scratch(job_key_size(dialect, ident_len, job_id_len))
         cdef Py_ssize_t size = write_job_key(key, dialect, ident, ident_len, job_id, job_id_len)
-        cdef uint32_t job = index_find(&self.job_index, fb_tag(key, size), key, size, _job_key_of, <void*>&self.job_rec)
-        return -1 if job == INDEX_NONE else <int>job
+        return self._job_of(key, size, fb_tag(key, size))
 
     # -- the views the rare paths read --------------------------------------------
 
@@ -367,9 +371,7 @@ cdef class BrokerCore:
         return _bytes(_rec_frame(rec), rec.frame_size)
 
     cdef int _lookup(self, bytes key) except -2:
-        cdef uint32_t job = index_find(&self.job_index, fb_tag(key, len(key)), key, len(key),
-                                       _job_key_of, <void*>&self.job_rec)
-        return -1 if job == INDEX_NONE else <int>job
+        return self._job_of(key, len(key), fb_tag(key, len(key)))
 
     # -- sending ------------------------------------------------------------------
 
@@ -541,35 +543,29 @@ cdef class BrokerCore:
         return 0
 
     cdef int _env(self, const Scan* scan) except -1:
-        """The interned environment of a scanned new job, looked up by its bytes."""
-        cdef ByteMap ids
-        cdef char* key
+        """The interned environment of a scanned new job, looked up by its bytes: the name
+        (0.5), or the type's length (4 bytes), type and name (0.9), built in the scratch."""
+        cdef ByteMap ids = self.env_ids_05 if scan.env_type == NULL else self.env_ids_09
+        cdef const char* key = scan.env
+        cdef Py_ssize_t size = scan.env_len
         cdef uint32_t type_len
-        cdef Py_ssize_t size
-        cdef int64_t env
-        if scan.env_type == NULL:
-            ids = self.env_ids_05
-            env = ids.c_get(scan.env, scan.env_len, -1)
-            if env >= 0:
-                return <int>env
-            name = PyUnicode_DecodeUTF8(scan.env, scan.env_len, NULL)
-            env = self.sched.env_id(name)
-            ids.c_set(scan.env, scan.env_len, env)
-            return <int>env
-        ids = self.env_ids_09
-        size = 4 + scan.env_type_len + scan.env_len
-        key = self._scratch(size)
-        type_len = <uint32_t>scan.env_type_len
-        memcpy(key, &type_len, 4)
-        memcpy(key + 4, scan.env_type, scan.env_type_len)
-        memcpy(key + 4 + scan.env_type_len, scan.env, scan.env_len)
-        env = ids.c_get(key, size, -1)
+        cdef char* o
+        if scan.env_type != NULL:
+            size = 4 + scan.env_type_len + scan.env_len
+            o = self._scratch(size)
+            type_len = <uint32_t>scan.env_type_len
+            memcpy(o, &type_len, 4)
+            memcpy(o + 4, scan.env_type, scan.env_type_len)
+            memcpy(o + 4 + scan.env_type_len, scan.env, scan.env_len)
+            key = o
+        cdef int64_t env = ids.c_get(key, size, -1)
         if env >= 0:
             return <int>env
-        name = (PyUnicode_DecodeUTF8(scan.env_type, scan.env_type_len, NULL),
-                PyUnicode_DecodeUTF8(scan.env, scan.env_len, NULL))
+        name = PyUnicode_DecodeUTF8(scan.env, scan.env_len, NULL)
+        if scan.env_type != NULL:
+            name = (PyUnicode_DecodeUTF8(scan.env_type, scan.env_type_len, NULL), name)
         env = self.sched.env_id(name)
-        ids.c_set(key, size, env)  # the scratch is untouched by env_id
+        ids.c_set(key, size, env)  # env_id does not touch the scratch
         return <int>env
 
     cdef int _new_job(self, const char* ident, Py_ssize_t ident_len, Scan* scan, const char* data,
@@ -588,7 +584,7 @@ cdef class BrokerCore:
         key = _rec_key(rec)
         write_job_key(key, scan.dialect, ident, ident_len, scan.job_id, scan.job_id_len)
         rec.tag = fb_tag(key, key_size)
-        if index_find(&self.job_index, rec.tag, key, key_size, _job_key_of, <void*>&self.job_rec) != INDEX_NONE:
+        if self._job_of(key, key_size, rec.tag) >= 0:
             free(rec)
             self.duplicate_job(_bytes(ident, ident_len),
                                PyUnicode_DecodeUTF8(scan.job_id, scan.job_id_len, NULL), scan.dialect)
@@ -801,7 +797,7 @@ cdef class JobColumn:
 
 
 @cython.final
-cdef class JobsView:
+cdef class JobsView(DictFace):
     """job key (bytes, see wire.job_key) -> job index, read-only, like the pure core's dict."""
 
     cdef BrokerCore core
@@ -834,22 +830,3 @@ cdef class JobsView:
             if rec != NULL:
                 out.append((_bytes(_rec_key(rec), rec.key_size), job))
         return out
-
-    def keys(self):
-        return [key for key, _ in self.items()]
-
-    def values(self):
-        return [job for _, job in self.items()]
-
-    def __iter__(self):
-        return iter(self.keys())
-
-    def __eq__(self, other):
-        if isinstance(other, JobsView):
-            other = dict(other.items())
-        if not isinstance(other, dict):
-            return NotImplemented
-        return dict(self.items()) == other
-
-    def __repr__(self):
-        return f"JobsView({dict(self.items())!r})"

@@ -201,8 +201,36 @@ cdef const char* _bytemap_key(void* owner, uint32_t entry, Py_ssize_t* size) noe
 _MISSING = object()
 
 
+cdef class DictFace:
+    """What a read-only dict offers, over ``items()`` (a list of (key, value) pairs, in the
+    dict's order): the mappings the compiled broker keeps in C show this face to the rare
+    paths, which the pure-Python core serves with real dicts."""
+
+    def items(self):
+        raise NotImplementedError
+
+    def keys(self):
+        return [key for key, _ in self.items()]
+
+    def values(self):
+        return [value for _, value in self.items()]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __eq__(self, other):
+        if isinstance(other, DictFace):
+            other = dict(other.items())
+        if not isinstance(other, dict):
+            return NotImplemented
+        return dict(self.items()) == other
+
+    def __repr__(self):
+        return f"{type(self).__name__}({dict(self.items())!r})"
+
+
 @cython.final
-cdef class ByteMap:
+cdef class ByteMap(DictFace):
     """A mapping of ``bytes`` keys to ``int`` values kept in C, for the compiled broker.
 
     The broker looks keys up from C with the bytes of a received frame (``c_get``);
@@ -382,22 +410,3 @@ cdef class ByteMap:
             out.append((self.stored[e].data[:self.stored[e].size], self.vals[e]))
             e = self.next[e]
         return out
-
-    def keys(self):
-        return [key for key, _ in self.items()]
-
-    def values(self):
-        return [value for _, value in self.items()]
-
-    def __iter__(self):
-        return iter(self.keys())
-
-    def __eq__(self, other):
-        if isinstance(other, ByteMap):
-            other = dict(other.items())
-        if not isinstance(other, dict):
-            return NotImplemented
-        return dict(self.items()) == other
-
-    def __repr__(self):
-        return f"ByteMap({dict(self.items())!r})"
