@@ -27,8 +27,7 @@ with atheris.instrument_imports(include=["fastbackend"]):
     from fastbackend import _wire_py, protocol  # noqa: E402
 
 from fastbackend import _wire_c  # noqa: E402
-from fuzz.receivers import check_backend_frame  # noqa: E402
-from fuzz.wire_common import CALLS, DIALECTS, SPLICES, outcome, seeds  # noqa: E402
+from fuzz.wire_common import CALLS, DIALECTS, check_receivers, outcome, seeds  # noqa: E402
 
 
 def check(frame: bytes) -> None:
@@ -40,14 +39,11 @@ def check(frame: bytes) -> None:
                 raise AssertionError(f"twins disagree on {name} (dialect {dialect}): c={c!r} py={py!r}")
             if py[0] != "ok":
                 continue
-            if name in SPLICES:
-                check_backend_frame(py[1], dialect)
-            elif name in ("scan_client", "scan_agent"):
+            check_receivers(_wire_py, name, py[1], dialect)
+            if name in ("scan_client", "scan_agent"):
                 job_id = py[1][2] if name == "scan_agent" else py[1][1]
-                if job_id is None:
-                    continue
-                check_backend_frame(_wire_py.job_started(job_id, dialect), dialect)
-                assert _wire_c.job_started(job_id, dialect) == _wire_py.job_started(job_id, dialect)
+                if job_id is not None:
+                    assert _wire_c.job_started(job_id, dialect) == _wire_py.job_started(job_id, dialect)
 
 
 def test_one_input(data: bytes) -> None:

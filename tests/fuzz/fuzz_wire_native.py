@@ -51,8 +51,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
 
-from fuzz.receivers import check_backend_frame  # noqa: E402
-from fuzz.wire_common import CALLS, DIALECTS, SPLICES, outcome, seeds  # noqa: E402
+from fuzz.wire_common import CALLS, DIALECTS, check_receivers, outcome, seeds  # noqa: E402
 
 #: Set in the child: the instrumented module to load ("" in the fallback mode).
 CHILD_ENV = "FASTBACKEND_FUZZ_NATIVE_MODULE"
@@ -146,14 +145,8 @@ def check_compiled(wire: ModuleType, frame: bytes) -> None:
     for dialect in DIALECTS:
         for name, call in CALLS:
             result = outcome(call, wire, frame, dialect)
-            if result[0] != "ok":
-                continue
-            if name in SPLICES:
-                check_backend_frame(result[1], dialect)
-            elif name in ("scan_client", "scan_agent"):
-                job_id = result[1][2] if name == "scan_agent" else result[1][1]
-                if job_id is not None:
-                    check_backend_frame(wire.job_started(job_id, dialect), dialect)
+            if result[0] == "ok":
+                check_receivers(wire, name, result[1], dialect)
 
 
 def child(module_path: str) -> None:

@@ -1,5 +1,6 @@
 """What both wire harnesses share (``fuzz_wire.py``, ``fuzz_wire_native.py``): the API calls
-made on every input, how an outcome is recorded, and the seed frames.
+made on every input, how an outcome is recorded, the receivers' check of what a call
+returned, and the seed frames.
 
 No atheris here: ``fuzz_wire_native.py`` imports this in processes where only the C code
 is instrumented, and ``fuzz_wire.py`` imports it after its own instrumented imports.
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastbackend.protocol import V05, V09, WireError, WrongDialect
+from fuzz.receivers import check_backend_frame
 
 IDENT = b"\x00k\x8bEg"
 DIALECTS = (V05, V09)
@@ -35,6 +37,18 @@ CALLS = (
 )
 SPLICES = {"splice_new_job", "splice_job_done", "splice_ssh_debug"}
 
+
+
+def check_receivers(wire: Any, name: str, value: Any, dialect: int) -> None:
+    """What a peer receives from a call that succeeded must load with its own loader and
+    have its exact key set: the spliced frame, and backend_job_started for the job id a
+    scan returned (``wire``: the module that made ``value``)."""
+    if name in SPLICES:
+        check_backend_frame(value, dialect)
+    elif name in ("scan_client", "scan_agent"):
+        job_id = value[2] if name == "scan_agent" else value[1]
+        if job_id is not None:
+            check_backend_frame(wire.job_started(job_id, dialect), dialect)
 
 def seeds() -> list[bytes]:
     """Valid frames of every message of both dialects, for the corpus."""
