@@ -37,6 +37,34 @@ cdef extern from *:
     # every splice wrote exactly the size its size pass announced.
     const int FB_DEBUG
 
+cdef extern from *:
+    """
+    /* How many leading bytes of s[:n] are ASCII, counted in 64-byte steps (what is left,
+       under 64 bytes or from the first step holding a byte >= 0x80, is the caller's).
+       SSE2 is part of x86-64: four 16-byte loads OR-ed, one movemask per 64 bytes. */
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    static inline Py_ssize_t fb_ascii_run(const unsigned char* s, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+        for (; i + 64 <= n; i += 64) {
+            __m128i a = _mm_loadu_si128((const __m128i*)(s + i));
+            __m128i b = _mm_loadu_si128((const __m128i*)(s + i + 16));
+            __m128i c = _mm_loadu_si128((const __m128i*)(s + i + 32));
+            __m128i d = _mm_loadu_si128((const __m128i*)(s + i + 48));
+            if (_mm_movemask_epi8(_mm_or_si128(_mm_or_si128(a, b), _mm_or_si128(c, d))))
+                break;
+        }
+        return i;
+    }
+    #else
+    static inline Py_ssize_t fb_ascii_run(const unsigned char* s, Py_ssize_t n) {
+        (void)s; (void)n;
+        return 0;
+    }
+    #endif
+    """
+    Py_ssize_t fb_ascii_run(const unsigned char* s, Py_ssize_t n) noexcept nogil
+
 ctypedef unsigned char uchar
 
 cdef int CLIENT_NEW_JOB = protocol.CLIENT_NEW_JOB
@@ -372,7 +400,7 @@ cdef Py_ssize_t _skip(const uchar* buf, Py_ssize_t pos, Py_ssize_t n, int depth,
             length = lead & 0x1F
             if length > <size_t>(n - pos):
                 return _truncated()
-            if not _str_valid(buf + pos, <Py_ssize_t>length):
+            if not _text_valid(buf + pos, <Py_ssize_t>length):
                 return _fail("invalid UTF-8 in a str")
             pos += <Py_ssize_t>length
         else:
@@ -395,7 +423,7 @@ cdef Py_ssize_t _skip(const uchar* buf, Py_ssize_t pos, Py_ssize_t n, int depth,
                     if buf[pos] >= 0x80:
                         _check_ext(buf + pos, <Py_ssize_t>length, timestamps)
                     pos += 1
-                elif lead >= 0xD9 and not _str_valid(buf + pos, <Py_ssize_t>length):  # str8/16/32
+                elif lead >= 0xD9 and not _text_valid(buf + pos, <Py_ssize_t>length):  # str8/16/32
                     return _fail("invalid UTF-8 in a str")
                 pos += <Py_ssize_t>length
             elif what == L_FIXEXT:
@@ -445,6 +473,28 @@ cdef Py_ssize_t _skip(const uchar* buf, Py_ssize_t pos, Py_ssize_t n, int depth,
             is_map = stack[top] & 1
             if top == key_top:
                 key_top = -1
+
+
+cdef inline Py_ssize_t _skip_value(const uchar* buf, Py_ssize_t pos, Py_ssize_t n,
+                                   bint timestamps) except -1:
+    """_skip(buf, pos, n, 1, timestamps) for a message's top-level value, with the values
+    most entries hold done here without the call: a fixint, nil, a bool, a float64, an
+    empty map or array, a valid fixstr.  Anything else, or anything amiss, goes to _skip,
+    which accepts and refuses exactly as before."""
+    cdef uchar lead
+    cdef Py_ssize_t length
+    if pos < n:
+        lead = buf[pos]
+        if lead <= 0x7F or lead >= 0xE0 or lead == 0xC0 or lead == 0xC2 or lead == 0xC3 \
+                or lead == 0x80 or lead == 0x90:
+            return pos + 1
+        if 0xA0 <= lead <= 0xBF:
+            length = lead & 0x1F
+            if length < n - pos and _text_valid(buf + pos + 1, length):
+                return pos + 1 + length
+        elif lead == 0xCB and 8 < n - pos:
+            return pos + 9
+    return _skip(buf, pos, n, 1, timestamps)
 
 
 cdef int _check_ext(const uchar* p, Py_ssize_t length, bint timestamps) except -1:
@@ -576,12 +626,46 @@ cdef bint _utf8_valid(const uchar* s, Py_ssize_t n) noexcept:
     return True
 
 
+cdef inline bint _short_ascii(const uchar* s, Py_ssize_t n) noexcept:
+    """s[:n] is ASCII, for n <= 32 (ids, names, keys): a few overlapping loads OR-ed
+    together, no loop over the bytes; every read stays inside s[:n]."""
+    cdef uint64_t a, b, c, d
+    cdef uint32_t u, v
+    if n >= 16:
+        memcpy(&a, s, 8)
+        memcpy(&b, s + 8, 8)
+        memcpy(&c, s + (n - 16), 8)
+        memcpy(&d, s + (n - 8), 8)
+        return ((a | b | c | d) & 0x8080808080808080ULL) == 0
+    if n >= 8:
+        memcpy(&a, s, 8)
+        memcpy(&b, s + (n - 8), 8)
+        return ((a | b) & 0x8080808080808080ULL) == 0
+    if n >= 4:
+        memcpy(&u, s, 4)
+        memcpy(&v, s + (n - 4), 4)
+        return ((u | v) & 0x80808080U) == 0
+    if n == 0:
+        return True
+    # 1..3 bytes: the first, the middle and the last (overlapping when n < 3).
+    return ((s[0] | s[n >> 1] | s[n - 1]) & 0x80) == 0
+
+
+cdef inline bint _text_valid(const uchar* s, Py_ssize_t n) noexcept:
+    """_utf8_valid for a str of any length: short ASCII (nearly every id and name) in a
+    few loads, long text by _str_valid."""
+    if n <= 32:
+        return _short_ascii(s, n) or _utf8_valid(s, n)
+    return _str_valid(s, n)
+
+
 cdef inline bint _str_valid(const uchar* s, Py_ssize_t n) noexcept:
     """_utf8_valid for the strs inside pass-through values, which can be long (a
     submission's source, a grader's output): ASCII 32 bytes at a time first (four words
     OR-ed, which the compiler keeps in registers), the full check from the first chunk
-    holding a byte >= 0x80 (a character boundary, since all before it is ASCII)."""
-    cdef Py_ssize_t i = 0
+    holding a byte >= 0x80 (a character boundary, since all before it is ASCII).  Where
+    SSE2 is (every x86-64), 64 bytes at a time before that (fb_ascii_run)."""
+    cdef Py_ssize_t i = fb_ascii_run(s, n)
     cdef uint64_t w0, w1, w2, w3
     while i + 32 <= n:
         memcpy(&w0, s + i, 8)
@@ -633,7 +717,7 @@ cdef Py_ssize_t _job_pair(const uchar* buf, Py_ssize_t pos, Py_ssize_t n, Scan* 
         return _fail("client identity must be 1..255 bytes")
     if not _read_str(buf, ident_start + <Py_ssize_t>ident_len, n, &start, &length):
         return _fail("job_id must be [bin, str]")
-    if not _utf8_valid(buf + start, length):
+    if not _text_valid(buf + start, length):
         return _fail("job_id is not valid UTF-8")
     out.ident = <const char*>buf + ident_start
     out.ident_len = <Py_ssize_t>ident_len
@@ -706,11 +790,13 @@ cdef inline int _lookup_field(const Side* side, const uchar* key, Py_ssize_t len
     if (0 <= guess < side.nfields and side.fields[guess].len == length
             and _same(key, side.fields[guess].name, length)):
         return guess
+    # The type key next: it is the key that breaks the declaration order (the real
+    # peers write it last, some encoders first).
+    if length == side.type_key_len and _same(key, side.type_key, length):
+        return TYPE_GID
     for gid in range(side.nfields):
         if side.fields[gid].len == length and _same(key, side.fields[gid].name, length):
             return gid
-    if length == side.type_key_len and _same(key, side.type_key, length):
-        return TYPE_GID
     return UNKNOWN_GID
 
 
@@ -760,7 +846,7 @@ cdef int _scan(const Side* side, const char* frame, Py_ssize_t n, Scan* out) exc
     cdef Py_ssize_t start = 0, length = 0
     cdef Py_ssize_t type_start = -1, type_len = 0
     cdef size_t count
-    cdef int gid = -1, kind
+    cdef int gid = -1, guess = 0, kind
     cdef uint32_t seen = 0, bit, extra, missing
     cdef bint negative = False
     cdef const FieldDef* f
@@ -799,8 +885,10 @@ cdef int _scan(const Side* side, const char* frame, Py_ssize_t n, Scan* out) exc
         if not _read_str(buf, pos, n, &start, &length):
             return _fail("non-str key")
         pos = start + length
-        gid = _lookup_field(side, buf + start, length, gid + 1)
-        if gid == UNKNOWN_GID:
+        gid = _lookup_field(side, buf + start, length, guess)
+        if gid >= 0:
+            guess = gid + 1
+        elif gid == UNKNOWN_GID:
             return _unknown_key(side, buf, key_start, <Py_ssize_t>count - i, n, start, length)
         bit = (<uint32_t>1) << (gid + 1)
         if seen & bit:
@@ -815,11 +903,11 @@ cdef int _scan(const Side* side, const char* frame, Py_ssize_t n, Scan* out) exc
             f = &side.fields[gid]
             kind = f.kind
             if kind == K_ANY:
-                pos = _skip(buf, pos, n, 1, side.timestamps)
+                pos = _skip_value(buf, pos, n, side.timestamps)
             elif kind == K_STR:
                 if not _read_str(buf, pos, n, &start, &length):
                     return _fail_field("{} must be a str", f)
-                if not _utf8_valid(buf + start, length):
+                if not _text_valid(buf + start, length):
                     return _fail_field("{} is not valid UTF-8", f)
                 pos = start + length
                 if f.capture == CAP_JOB_ID:
@@ -844,7 +932,7 @@ cdef int _scan(const Side* side, const char* frame, Py_ssize_t n, Scan* out) exc
                 lead = buf[pos]
                 if not (0x80 <= lead <= 0x8F or lead == 0xDE or lead == 0xDF):
                     return _fail_field("{} must be a map", f)
-                pos = _skip(buf, pos, n, 1, side.timestamps)
+                pos = _skip_value(buf, pos, n, side.timestamps)
             else:  # K_JOB_PAIR
                 pos = _job_pair(buf, pos, n, out)
         out.key_start[i] = key_start

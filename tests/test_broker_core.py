@@ -577,3 +577,27 @@ def test_signals_during_a_drain_interrupt_nothing(harness: Harness) -> None:
     results = [m["job_id"] for m in decode(harness.received("c1")) if m["type"] == "backend_job_done"]
     assert sorted(results) == sorted(f"s{i}" for i in range(2_000))
     assert interrupted > 100, "the timer hardly fired: the test proves nothing"
+
+
+def test_a_failing_message_costs_itself_only_and_the_batch_goes_on(harness: Harness) -> None:
+    """A bug while one message is handled (here: the logic layer raising on one client's
+    hello) is logged as an internal error for that message; the messages after it in the
+    same drain are handled, and no frame is left held."""
+    failing = harness.broker.client_hello
+
+    def client_hello(ident: bytes, frame: bytes, dialect: int) -> None:
+        if ident == b"c2":
+            raise RuntimeError("a bug in the logic layer")
+        failing(ident, frame, dialect)
+
+    harness.broker.client_hello = client_hello
+    for name in ("c1", "c2", "c3"):
+        harness.peer(name).send(pack(type="client_hello", name=name))
+    harness.peer("c1").send(pack(type="ping"))
+    harness.peer("c3").send(pack(type="ping"))
+    harness.settle()
+    errors, harness.internal_errors[:] = list(harness.internal_errors), []
+    assert [str(e) for e in errors] == ["a bug in the logic layer"]
+    for name in ("c1", "c3"):
+        assert [f["type"] for f in decode(harness.received(name))] == ["backend_update_containers", "pong"]
+    assert harness.received("c2") == []
