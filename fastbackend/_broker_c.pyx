@@ -20,7 +20,7 @@
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint8_t, uint32_t
-from libc.stdlib cimport free, malloc, realloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
@@ -50,6 +50,7 @@ from fastbackend import protocol
 from fastbackend.protocol import DIALECTS, FIRST_GUESS, WireError, WrongDialect
 
 include "_libzmq.pxi"
+include "_sendpool.pxi"
 include "_keymap.pxi"
 
 cdef extern from *:
@@ -188,46 +189,70 @@ cdef inline size_t _rec_size(JobRecord* rec) noexcept:
     return sizeof(JobRecord) + rec.key_size + rec.owner_size + rec.frame_size
 
 
-# Finished jobs' records are kept for reuse, a few: a record (header, key, owner, frame) is
+# Finished jobs' records are kept for reuse: a record (header, key, owner, frame) is
 # usually larger than glibc's per-thread cache takes (1,032 bytes), so each malloc/free
 # pair would otherwise go through the arena's bins, ~550 instructions per job (callgrind).
-# A spare serves a new job whose record fits in it with little slack (an eighth, plus
-# 64 bytes), so the spares cannot inflate the memory a waiting job holds by much.
+# A spare is kept on the list of its exact capacity (records are sized as glibc would
+# size them anyway, in 16-byte steps, so this costs no memory per job) and serves the
+# next record of that capacity.  At most SPARE_BYTES are kept; a record over
+# SPARE_MAX_BYTES is never kept.
 cdef enum:
-    SPARES = 16
+    SPARE_STEP_SHIFT = 4
     SPARE_MAX_BYTES = 65536
+    SPARE_LISTS = (SPARE_MAX_BYTES >> SPARE_STEP_SHIFT) + 1
+    SPARE_BYTES = 4 << 20
 
 
 cdef struct Spares:
-    int n
-    JobRecord* rec[SPARES]
-    size_t size[SPARES]   # what the record can hold (at least)
+    void** lists      # SPARE_LISTS heads; a spare's first word links to the next
+    size_t bytes      # held in all the lists
+
+
+cdef inline size_t _rec_capacity(size_t need) noexcept:
+    """What a record of ``need`` bytes is allocated with: glibc's usable size for a
+    request of ``need`` (chunks are 16-byte multiples with an 8-byte header)."""
+    return ((need + 8 + 15) & ~(<size_t>15)) - 8
 
 
 cdef inline JobRecord* _spare_or_malloc(Spares* sp, size_t need) noexcept:
-    """A spare record that holds ``need`` bytes with little slack, or a new one (NULL when
-    out of memory)."""
-    cdef int i = sp.n
-    cdef JobRecord* rec
-    while i > 0:
-        i -= 1
-        if need <= sp.size[i] <= need + (need >> 3) + 64:
-            rec = sp.rec[i]
-            sp.n -= 1
-            sp.rec[i] = sp.rec[sp.n]
-            sp.size[i] = sp.size[sp.n]
-            return rec
-    return <JobRecord*>malloc(need)
+    """A record that holds ``need`` bytes: a spare of that capacity, or a new one (NULL
+    when out of memory)."""
+    cdef size_t cap = _rec_capacity(need)
+    cdef size_t i = cap >> SPARE_STEP_SHIFT
+    cdef void* rec
+    if cap <= SPARE_MAX_BYTES and sp.lists != NULL and sp.lists[i] != NULL:
+        rec = sp.lists[i]
+        sp.lists[i] = (<void**>rec)[0]
+        sp.bytes -= cap
+        return <JobRecord*>rec
+    return <JobRecord*>malloc(cap)
 
 
-cdef inline void _spare_or_free(Spares* sp, JobRecord* rec, size_t size) noexcept:
-    """Keep ``rec`` (which holds ``size`` bytes) as a spare, or free it."""
-    if sp.n < SPARES and size <= SPARE_MAX_BYTES:
-        sp.rec[sp.n] = rec
-        sp.size[sp.n] = size
-        sp.n += 1
+cdef inline void _spare_or_free(Spares* sp, JobRecord* rec, size_t need) noexcept:
+    """Keep ``rec`` (made for ``need`` bytes) as a spare, or free it."""
+    cdef size_t cap = _rec_capacity(need)
+    cdef size_t i = cap >> SPARE_STEP_SHIFT
+    if cap <= SPARE_MAX_BYTES and sp.bytes + cap <= SPARE_BYTES and sp.lists != NULL:
+        (<void**>rec)[0] = sp.lists[i]
+        sp.lists[i] = <void*>rec
+        sp.bytes += cap
     else:
         free(rec)
+
+
+cdef void _spares_free(Spares* sp) noexcept:
+    cdef size_t i
+    cdef void* rec
+    if sp.lists == NULL:
+        return
+    for i in range(SPARE_LISTS):
+        while sp.lists[i] != NULL:
+            rec = sp.lists[i]
+            sp.lists[i] = (<void**>rec)[0]
+            free(rec)
+    free(sp.lists)
+    sp.lists = NULL
+    sp.bytes = 0
 
 
 cdef struct Held:
@@ -296,6 +321,9 @@ cdef class BrokerCore:
 
     def __cinit__(self, *args, **kwargs):
         index_init(&self.job_index)
+        # Without its lists (out of memory), the core simply keeps no spares.
+        self.spares.lists = <void**>calloc(SPARE_LISTS, sizeof(void*))
+        self.spares.bytes = 0
 
     def __init__(self, agent_socket, client_socket, dialect=None):
         self.agent_socket = agent_socket
@@ -334,13 +362,17 @@ cdef class BrokerCore:
         for job in range(self.job_cap):
             free(self.job_rec[job])
         free(self.job_rec)
-        for job in range(self.spares.n):
-            free(self.spares.rec[job])
+        _spares_free(&self.spares)
         free(self.t_started)
         free(self.t_submitted)
         free(self.t_sent)
         free(self.scratch)
         index_free(&self.job_index)
+
+    @property
+    def spare_bytes(self):
+        """Bytes held in finished jobs' records kept for reuse (at most SPARE_BYTES)."""
+        return self.spares.bytes
 
     def counters(self):
         """The per-dialect counters and histograms, as plain lists (see ``_broker_py``)."""
@@ -744,7 +776,7 @@ cdef class BrokerCore:
             scan_client_c(rec.dialect, frame, rec.frame_size, &scan)
             return self._send_new_job(job, agent, &scan, frame)
         size = planned_new_job_size(frame, rec.frame_size, &rec.plan, rec.dialect, rec.owner_size)
-        if lz.msg_init_size(&out, size) != 0:
+        if _msg_init_out(&out, size) != 0:
             raise MemoryError()
         written = write_planned_new_job(<char*>lz.msg_data(&out), frame, rec.frame_size, &rec.plan,
                                         rec.dialect, _rec_owner(rec), rec.owner_size)
@@ -773,7 +805,7 @@ cdef class BrokerCore:
         cdef fb_zmq_msg_t out
         cdef JobRecord* rec = self.job_rec[job]
         cdef Py_ssize_t size = new_job_size(scan, rec.owner_size)
-        if lz.msg_init_size(&out, size) != 0:
+        if _msg_init_out(&out, size) != 0:
             raise MemoryError()
         written = write_new_job(<char*>lz.msg_data(&out), frame, scan, _rec_owner(rec), rec.owner_size)
         if FB_DEBUG and written != size:
@@ -856,12 +888,12 @@ cdef class BrokerCore:
             self.job_event("done", job, agent)
         if scan.type == AGENT_JOB_DONE or scan.type == AGENT_JOB_SSH_DEBUG:
             out_size = agent_to_client_size(&scan)
-            if lz.msg_init_size(&out, out_size) != 0:
+            if _msg_init_out(&out, out_size) != 0:
                 raise MemoryError()
             write_agent_to_client(<char*>lz.msg_data(&out), data, &scan)
         else:
             out_size = job_started_size(scan.dialect, scan.job_id_len)
-            if lz.msg_init_size(&out, out_size) != 0:
+            if _msg_init_out(&out, out_size) != 0:
                 raise MemoryError()
             write_job_started(<char*>lz.msg_data(&out), scan.dialect, scan.job_id, scan.job_id_len)
         self._send_msg(self.client_handle, _rec_owner(rec), rec.owner_size, &out, "client")

@@ -33,6 +33,8 @@ cdef extern from *:
 
 ctypedef int (*msg_init_t)(fb_zmq_msg_t*) noexcept nogil
 ctypedef int (*msg_init_size_t)(fb_zmq_msg_t*, size_t) noexcept nogil
+ctypedef void (*free_fn_t)(void*, void*) noexcept nogil
+ctypedef int (*msg_init_data_t)(fb_zmq_msg_t*, void*, size_t, free_fn_t, void*) noexcept nogil
 ctypedef int (*msg_recv_t)(fb_zmq_msg_t*, void*, int) noexcept nogil
 ctypedef int (*msg_send_t)(fb_zmq_msg_t*, void*, int) noexcept nogil
 ctypedef int (*msg_close_t)(fb_zmq_msg_t*) noexcept nogil
@@ -53,6 +55,7 @@ cdef enum:
 cdef struct LibZMQ:
     msg_init_t msg_init
     msg_init_size_t msg_init_size
+    msg_init_data_t msg_init_data
     msg_recv_t msg_recv
     msg_send_t msg_send
     msg_close_t msg_close
@@ -84,6 +87,7 @@ cdef int _load_libzmq() except -1:
         raise ImportError(f"cannot find pyzmq's extension in this process: {dlerror().decode()}")
     lz.msg_init = <msg_init_t>_symbol(handle, b"zmq_msg_init")
     lz.msg_init_size = <msg_init_size_t>_symbol(handle, b"zmq_msg_init_size")
+    lz.msg_init_data = <msg_init_data_t>_symbol(handle, b"zmq_msg_init_data")
     lz.msg_recv = <msg_recv_t>_symbol(handle, b"zmq_msg_recv")
     lz.msg_send = <msg_send_t>_symbol(handle, b"zmq_msg_send")
     lz.msg_close = <msg_close_t>_symbol(handle, b"zmq_msg_close")

@@ -601,3 +601,42 @@ def test_a_failing_message_costs_itself_only_and_the_batch_goes_on(harness: Harn
     for name in ("c1", "c3"):
         assert [f["type"] for f in decode(harness.received(name))] == ["backend_update_containers", "pong"]
     assert harness.received("c2") == []
+
+
+@pytest.mark.skipif(NO_EXTENSIONS, reason="the send pool and the record spares are the compiled core's")
+def test_recycled_buffers_do_not_grow_with_the_jobs() -> None:
+    """The compiled core recycles the buffers of the frames it builds (``_sendpool.pxi``)
+    and the records of finished jobs: after a first round of jobs, rounds of many more
+    jobs (results of several sizes, up to a frame larger than any pooled buffer) add no
+    buffer and keep the spares bounded, and every frame arrives intact."""
+    h = Harness(CORES["c"])
+    try:
+        h.send("c1", pack(type="client_hello", name="me"))
+        h.send("a1", agent_hello("a1", 4, ["default"]))
+        h.received("c1")
+        h.received("a1")
+
+        def round_of(jobs: int, tag: str) -> None:
+            sizes = [10, 300, 5_000, 20_000]
+            for i in range(jobs):
+                h.peer("c1").send(new_job(f"{tag}{i}"))
+                h.settle()
+                (sent,) = decode(h.received("a1"))
+                stdout = "x" * sizes[i % len(sizes)]
+                h.peer("a1").send(pack(**{**msgpack.unpackb(job_done(sent["job_id"]), raw=False),
+                                          "stdout": stdout}))
+                h.settle()
+                (done,) = decode(h.received("c1"))
+                assert (done["job_id"], done["stdout"]) == (f"{tag}{i}", stdout)
+
+        round_of(40, "warm")
+        after_warm_up = _broker_c.sendpool_counts()
+        round_of(400, "more")
+        assert _broker_c.sendpool_counts() == after_warm_up
+        # Buffers came back (the pool is used), a few: one job at a time needs one or two
+        # per class; 20,000 bytes of stdout is beyond the largest class.
+        assert 1 <= sum(after_warm_up) <= 8, after_warm_up
+        assert after_warm_up[-1] == 0, after_warm_up
+        assert h.broker.spare_bytes <= 4 << 20
+    finally:
+        h.close()
