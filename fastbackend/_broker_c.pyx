@@ -565,6 +565,7 @@ cdef class BrokerCore:
                     lz.msg_close(&held.ident)
         return 0
 
+    @cython.cdivision(True)  # size // FRAME_WEIGHT: both positive
     cdef int _drain_run(self, void* handle, bint from_agents, Held* held) except -1:
         """_drain's loop; ``held`` holds the message being handled (its frames are closed
         by the caller if this raises) and what is left of the budget."""
@@ -863,15 +864,17 @@ cdef class BrokerCore:
         cdef fb_zmq_msg_t out
         cdef Py_ssize_t out_size
         cdef JobRecord* rec
-        cdef int agent, job, following
+        cdef int agent, job, following, dialect = -1
         agent = <int>self.agents.c_get(ident, ident_len, -1)
+        if agent >= 0:
+            dialect = self.agent_dialect[agent]
         if not self._scan(True, ident, ident_len, data, size,
-                          self.first_guess if agent < 0 else <int>self.agent_dialect[agent], agent >= 0, &scan):
+                          self.first_guess if agent < 0 else dialect, agent >= 0, &scan):
             return 0
         if scan.type == AGENT_HELLO:
             self.agent_hello(_bytes(ident, ident_len), _bytes(data, size), scan.dialect)
             return 0
-        if agent < 0 or <int>self.agent_dialect[agent] != scan.dialect:
+        if agent < 0 or dialect != scan.dialect:
             self.dropped("agent", _bytes(ident, ident_len), "message from an agent that did not say hello",
                          "unregistered")
             return 0
