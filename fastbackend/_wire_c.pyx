@@ -22,7 +22,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.long cimport PyLong_FromLongLong, PyLong_FromUnsignedLongLong
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 from libc.stdint cimport INT64_MAX, int64_t, uint32_t, uint64_t
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcmp, memcpy, memset
 
 from fastbackend import protocol
 from fastbackend.protocol import WireError, WrongDialect
@@ -105,12 +105,27 @@ cdef enum:
     MAX_TYPES = 8
     TYPE_GID = -1
     UNKNOWN_GID = -2
+    KEY_BYTES = 32         # room for a key as a fixstr: its header and up to 31 bytes of name
+
+cdef struct KeyEnc:
+    # A key as the peers encode it: a fixstr (header byte, then the name), for the
+    # scanner's fast path.  `len` is NO_KEY (no frame has room for it, so it never
+    # matches) for a name too long for a fixstr.  Keys of at most 16 bytes are also held
+    # as two words and the mask of their bytes (`need` = 16, else NO_KEY): compared
+    # with the 16 bytes at a position in two loads, no dispatch on the length.
+    char enc[KEY_BYTES]
+    Py_ssize_t len
+    Py_ssize_t need
+    uint64_t word[2]
+    uint64_t care[2]
 
 cdef struct FieldDef:
     const char* name       # points into a bytes object kept in _TABLE_NAMES
     Py_ssize_t len
     int kind
     int capture
+    uint32_t bit           # its bit in a key mask: 1 << (field id + 1)
+    KeyEnc key             # its key as the peers encode it
 
 cdef struct TypeDef:
     const char* name
@@ -118,6 +133,7 @@ cdef struct TypeDef:
     int code
     uint32_t mask                       # bit gid+1 per declared field, bit 0 for the type key
     signed char index[MAX_SIDE_FIELDS]  # field id -> index in declaration order
+    bint ascending                      # the declaration order is that of the field ids
 
 cdef struct Side:
     int dialect            # the tag whose tables these are
@@ -129,7 +145,11 @@ cdef struct Side:
     Py_ssize_t foreign_len[MAX_DIALECTS]
     int foreign_tag[MAX_DIALECTS]
     int nfields
-    FieldDef fields[MAX_SIDE_FIELDS]
+    # By field id; fields[nfields] (the guess after the last field) is no field: only
+    # its key is set, one that never matches.
+    FieldDef fields[MAX_SIDE_FIELDS + 1]
+    KeyEnc type_enc                          # the type key as the peers encode it
+    int first_guess                          # the field id a frame's first key most likely has
     int ntypes
     TypeDef types[MAX_TYPES]
 
@@ -204,6 +224,37 @@ cdef const char* _keep(str text, Py_ssize_t* length) except NULL:
     return <const char*>raw
 
 
+cdef extern from "Python.h":
+    const Py_ssize_t PY_SSIZE_T_MAX
+
+# The length of a key that is never there (longer than any frame).
+cdef Py_ssize_t NO_KEY = PY_SSIZE_T_MAX
+
+
+cdef int _key_enc(KeyEnc* k, str name) except -1:
+    """Fill `k` with `name` encoded as a fixstr (None, or a name too long for one: a key
+    that never matches)."""
+    cdef char pad[16]
+    cdef char mask[16]
+    raw = b"" if name is None else name.encode("utf-8")
+    memset(k, 0, sizeof(KeyEnc))
+    k.len = k.need = NO_KEY
+    if name is None or len(raw) + 1 > KEY_BYTES:
+        return 0
+    k.enc[0] = <char>(0xA0 | len(raw))
+    memcpy(k.enc + 1, <const char*>raw, len(raw))
+    k.len = len(raw) + 1
+    if k.len <= 16:
+        k.need = 16
+        memset(pad, 0, 16)
+        memset(mask, 0, 16)
+        memcpy(pad, k.enc, k.len)
+        memset(mask, 0xFF, k.len)
+        memcpy(k.word, pad, 16)
+        memcpy(k.care, mask, 16)
+    return 0
+
+
 cdef int _build_side(Side* side, object dialect, dict messages, dict kinds) except -1:
     names = list(kinds)
     if len(names) > MAX_SIDE_FIELDS or len(messages) > MAX_TYPES:
@@ -224,6 +275,14 @@ cdef int _build_side(Side* side, object dialect, dict messages, dict kinds) exce
         side.fields[gid].name = _keep(name, &side.fields[gid].len)
         side.fields[gid].kind = _KIND_CODES[kinds[name]]
         side.fields[gid].capture = _CAPTURES.get(name, CAP_NONE)
+        side.fields[gid].bit = (<uint32_t>1) << (gid + 1)
+        _key_enc(&side.fields[gid].key, name)
+    _key_enc(&side.fields[side.nfields].key, None)
+    _key_enc(&side.type_enc, dialect.type_key)
+    # The per-job messages, by far the most frequent, are each side's largest, and
+    # start with the job id: the first key of a frame is guessed to be theirs.
+    largest = max(messages.values(), key=lambda m: len(m[1]))[1]
+    side.first_guess = names.index(largest[0]) if largest else 0
     side.ntypes = len(messages)
     for t, (msgname, (code, fields)) in enumerate(messages.items()):
         side.types[t].name = _keep(msgname, &side.types[t].len)
@@ -235,6 +294,8 @@ cdef int _build_side(Side* side, object dialect, dict messages, dict kinds) exce
             gid = names.index(name)
             side.types[t].mask |= (<uint32_t>1) << (gid + 1)
             side.types[t].index[gid] = i
+        gids = [names.index(name) for name in fields]
+        side.types[t].ascending = gids == sorted(gids)
     return 0
 
 
@@ -307,6 +368,18 @@ for _lead, (_what, _size) in enumerate([
     LEAD_WHAT[_lead] = _what
     LEAD_SIZE[_lead] = _size
 del _lead, _what, _size
+
+# The whole size of a value by its lead byte when that is fixed and the value is always
+# well-formed (ints, floats, nil, bools, empty map and array); 0 for every other lead.
+cdef uchar SCALAR_SIZE[256]
+for _lead in range(256):
+    if _lead <= 0x7F or _lead >= 0xE0 or _lead in (0x80, 0x90, 0xC0, 0xC2, 0xC3):
+        SCALAR_SIZE[_lead] = 1
+    elif 0xCA <= _lead <= 0xD3:
+        SCALAR_SIZE[_lead] = 1 + LEAD_SIZE[_lead - 0xC0]
+    else:
+        SCALAR_SIZE[_lead] = 0
+del _lead
 
 
 # -- failures (out of line: the scanning loops only carry a call and a return) -------
@@ -730,13 +803,24 @@ cdef inline bint _same(const uchar* a, const char* b, Py_ssize_t n) noexcept:
     """a[:n] == b[:n], for short keys: a few fixed-size loads instead of a call to memcmp.
 
     Two overlapping words cover every length from 4 to 16 (the first and the last
-    word); all reads stay inside a[:n] and b[:n].
+    word), four every length from 17 to 32 (the first two and the last two); all reads
+    stay inside a[:n] and b[:n].
     """
-    cdef uint64_t x, y, x2, y2
+    cdef uint64_t x, y, x2, y2, x3, y3, x4, y4
     cdef uint32_t u, v, u2, v2
     cdef Py_ssize_t i
-    if n > 16:
+    if n > 32:
         return memcmp(a, b, n) == 0
+    if n > 16:
+        memcpy(&x, a, 8)
+        memcpy(&y, b, 8)
+        memcpy(&x2, a + 8, 8)
+        memcpy(&y2, b + 8, 8)
+        memcpy(&x3, a + n - 16, 8)
+        memcpy(&y3, b + n - 16, 8)
+        memcpy(&x4, a + n - 8, 8)
+        memcpy(&y4, b + n - 8, 8)
+        return ((x ^ y) | (x2 ^ y2) | (x3 ^ y3) | (x4 ^ y4)) == 0
     if n >= 8:
         memcpy(&x, a, 8)
         memcpy(&y, b, 8)
@@ -755,6 +839,17 @@ cdef inline bint _same(const uchar* a, const char* b, Py_ssize_t n) noexcept:
     return True
 
 
+
+
+cdef inline bint _key_at(const KeyEnc* k, const uchar* p, Py_ssize_t left) noexcept:
+    """The encoded key k is at p (`left` bytes from p to the frame's end): two masked
+    words when 16 bytes are left and the key fits them, else _same; reads stay in p[:left]."""
+    cdef uint64_t w0, w1
+    if k.need <= left:
+        memcpy(&w0, p, 8)
+        memcpy(&w1, p + 8, 8)
+        return (((w0 ^ k.word[0]) & k.care[0]) | ((w1 ^ k.word[1]) & k.care[1])) == 0
+    return k.len <= left and _same(p, k.enc, k.len)
 
 
 cdef inline int64_t _priority_value(const uchar* buf, Py_ssize_t pos) noexcept:
@@ -840,16 +935,30 @@ cdef int _unknown_key(const Side* side, const uchar* buf, Py_ssize_t key_start, 
     return _fail_shown("unexpected key {}", buf + start, length)
 
 
+cdef int _declaration_indices(const Side* side, const TypeDef* td, const uchar* buf, Py_ssize_t n,
+                              Scan* out, Py_ssize_t count) except -1:
+    """Set each field entry's declaration index from its key (the scan has found them all)."""
+    cdef Py_ssize_t i, start = 0, length = 0
+    for i in range(count):
+        if out.field[i] != TYPE_GID:
+            _read_str(buf, out.key_start[i], n, &start, &length)
+            out.field[i] = td.index[_lookup_field(side, buf + start, length, -1)]
+    return 0
+
+
 cdef int _scan(const Side* side, const char* frame, Py_ssize_t n, Scan* out) except -1:
     cdef const uchar* buf = <const uchar*>frame
     cdef Py_ssize_t pos, key_start, val_start, i
     cdef Py_ssize_t start = 0, length = 0
     cdef Py_ssize_t type_start = -1, type_len = 0
     cdef size_t count
-    cdef int gid = -1, guess = 0, kind
+    cdef int gid, kind, size
+    cdef bint ascending = True   # the frame's fields come in increasing field id order
     cdef uint32_t seen = 0, bit, extra, missing
     cdef bint negative = False
-    cdef const FieldDef* f
+    cdef const FieldDef* f       # the entry's field; NULL for the type key
+    # The field the next key most likely is: the one after the last field met.
+    cdef const FieldDef* guess = &side.fields[side.first_guess]
     cdef const TypeDef* td
     cdef uchar lead
     if n > MAX_FRAME_SIZE:
@@ -882,63 +991,91 @@ cdef int _scan(const Side* side, const char* frame, Py_ssize_t n, Scan* out) exc
     out.priority = 0
     for i in range(<Py_ssize_t>count):
         key_start = pos
-        if not _read_str(buf, pos, n, &start, &length):
-            return _fail("non-str key")
-        pos = start + length
-        gid = _lookup_field(side, buf + start, length, guess)
-        if gid >= 0:
-            guess = gid + 1
-        elif gid == UNKNOWN_GID:
-            return _unknown_key(side, buf, key_start, <Py_ssize_t>count - i, n, start, length)
-        bit = (<uint32_t>1) << (gid + 1)
+        # The peers write every key as a fixstr and the fields in declaration order: the
+        # guessed field's key (header included) is compared with the bytes at pos in a
+        # few loads, then the type key (the one that breaks the order).  Either matches
+        # exactly where _read_str + _lookup_field would find that key; anything else
+        # (another key, a longer header, a key cut by the frame's end) takes that path.
+        if _key_at(&guess.key, buf + pos, n - pos):
+            f = guess
+            pos += f.key.len
+        elif _key_at(&side.type_enc, buf + pos, n - pos):
+            f = NULL
+            pos += side.type_enc.len
+        else:
+            if not _read_str(buf, pos, n, &start, &length):
+                return _fail("non-str key")
+            pos = start + length
+            gid = _lookup_field(side, buf + start, length, <int>(guess - side.fields))
+            if gid == UNKNOWN_GID:
+                return _unknown_key(side, buf, key_start, <Py_ssize_t>count - i, n, start, length)
+            if gid == TYPE_GID:
+                f = NULL
+            else:
+                f = &side.fields[gid]
+                if f < guess and seen >> 1:  # (any field is in order as the first one)
+                    ascending = False
+        bit = 1 if f == NULL else f.bit
         if seen & bit:
+            _read_str(buf, key_start, n, &start, &length)
             return _fail_shown("duplicate key {}", buf + start, length)
         seen |= bit
         val_start = pos
-        if gid == TYPE_GID:
+        if f == NULL:
             if not _read_str(buf, pos, n, &type_start, &type_len):
                 return _fail_type_key(side, False)
             pos = type_start + type_len
+            out.field[i] = TYPE_GID
         else:
-            f = &side.fields[gid]
+            guess = f + 1
+            # The entry's index among the fields (the entries but the type key, if it
+            # came before): its declaration index when the type's order is the field
+            # ids' and the frame's too (checked after the loop).
+            out.field[i] = <int>i - <int>(seen & 1)
             kind = f.kind
             if kind == K_ANY:
-                pos = _skip_value(buf, pos, n, side.timestamps)
-            elif kind == K_STR:
-                if not _read_str(buf, pos, n, &start, &length):
-                    return _fail_field("{} must be a str", f)
-                if not _text_valid(buf + start, length):
-                    return _fail_field("{} is not valid UTF-8", f)
-                pos = start + length
-                if f.capture == CAP_JOB_ID:
-                    out.job_id = frame + start
-                    out.job_id_len = length
-                elif f.capture == CAP_ENV:
-                    out.env = frame + start
-                    out.env_len = length
-                elif f.capture == CAP_ENV_TYPE:
-                    out.env_type = frame + start
-                    out.env_type_len = length
-            elif kind == K_INT or kind == K_UINT:
-                if not _read_int(buf, pos, n, &negative, &pos):
-                    return _fail_field("{} must be an int", f)
-                if kind == K_UINT and negative:
-                    return _fail_field("{} must be >= 0", f)
-                if f.capture == CAP_PRIORITY:
-                    out.priority = _priority_value(buf, val_start)
-            elif kind == K_MAP:
-                if pos >= n:
-                    return _truncated()
-                lead = buf[pos]
-                if not (0x80 <= lead <= 0x8F or lead == 0xDE or lead == 0xDF):
-                    return _fail_field("{} must be a map", f)
-                pos = _skip_value(buf, pos, n, side.timestamps)
-            else:  # K_JOB_PAIR
-                pos = _job_pair(buf, pos, n, out)
+                # Most pass-through values are scalars of a fixed size (what _skip does
+                # for them, without the call).
+                size = SCALAR_SIZE[buf[pos]] if pos < n else 0
+                if size != 0 and size <= n - pos:
+                    pos += size
+                else:
+                    pos = _skip_value(buf, pos, n, side.timestamps)
+            else:  # (an if of its own: K_ANY, the most frequent, is tested first)
+                if kind == K_STR:
+                    if not _read_str(buf, pos, n, &start, &length):
+                        return _fail_field("{} must be a str", f)
+                    if not _text_valid(buf + start, length):
+                        return _fail_field("{} is not valid UTF-8", f)
+                    pos = start + length
+                    if f.capture == CAP_JOB_ID:
+                        out.job_id = frame + start
+                        out.job_id_len = length
+                    elif f.capture == CAP_ENV:
+                        out.env = frame + start
+                        out.env_len = length
+                    elif f.capture == CAP_ENV_TYPE:
+                        out.env_type = frame + start
+                        out.env_type_len = length
+                elif kind == K_INT or kind == K_UINT:
+                    if not _read_int(buf, pos, n, &negative, &pos):
+                        return _fail_field("{} must be an int", f)
+                    if kind == K_UINT and negative:
+                        return _fail_field("{} must be >= 0", f)
+                    if f.capture == CAP_PRIORITY:
+                        out.priority = _priority_value(buf, val_start)
+                elif kind == K_MAP:
+                    if pos >= n:
+                        return _truncated()
+                    lead = buf[pos]
+                    if not (0x80 <= lead <= 0x8F or lead == 0xDE or lead == 0xDF):
+                        return _fail_field("{} must be a map", f)
+                    pos = _skip_value(buf, pos, n, side.timestamps)
+                else:  # K_JOB_PAIR
+                    pos = _job_pair(buf, pos, n, out)
         out.key_start[i] = key_start
         out.val_start[i] = val_start
         out.val_end[i] = pos
-        out.field[i] = gid
     if pos != n:
         return _fail("trailing bytes after message")
 
@@ -953,9 +1090,10 @@ cdef int _scan(const Side* side, const char* frame, Py_ssize_t n, Scan* out) exc
     missing = td.mask & ~seen
     if missing:
         return _fail_key_set("missing", side, td, missing)
-    for i in range(<Py_ssize_t>count):
-        if out.field[i] != TYPE_GID:
-            out.field[i] = td.index[out.field[i]]
+    # The frame holds exactly td's fields; when both orders are the field ids', each
+    # entry's ordinal is its declaration index.  Otherwise look each key up again.
+    if not (ascending and td.ascending):
+        _declaration_indices(side, td, buf, n, out, <Py_ssize_t>count)
     out.type = td.code
     out.nfields = <int>count
     return 0
