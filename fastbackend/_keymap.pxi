@@ -37,15 +37,34 @@ cdef extern from *:
     /* The hash tag of a byte string: the upper 32 bits of its keyed 64-bit hash. */
     static inline uint32_t fb_tag(const char* p, size_t n) {
         uint64_t h = fb_hash_seed ^ ((uint64_t)n * 0xA0761D6478BD642FULL);
-        uint64_t w;
+        uint64_t w = 0;
+        const size_t whole = n;
         while (n >= 8) {
             memcpy(&w, p, 8);
             h = fb_mix(h ^ w, 0xE7037ED1A0B428DBULL);
             p += 8;
             n -= 8;
         }
-        w = 0;
-        memcpy(&w, p, n);
+        /* The last n < 8 bytes, in fixed-size loads (a memcpy of n bytes is a call): the
+           8 bytes ending there, shifted, when the key has them (on a big-endian machine
+           the shift keeps other bytes: a weaker hash, still a correct one); else two
+           overlapping 4-byte loads, or the first, middle and last byte. */
+        if (n > 0) {
+            if (whole >= 8) {
+                memcpy(&w, p + n - 8, 8);
+                w >>= 8 * (8 - n);
+            } else if (n >= 4) {
+                uint32_t a, b;
+                memcpy(&a, p, 4);
+                memcpy(&b, p + n - 4, 4);
+                w = a | ((uint64_t)b << 32);
+            } else {
+                w = (uint64_t)(unsigned char)p[0] | ((uint64_t)(unsigned char)p[n >> 1] << 8)
+                    | ((uint64_t)(unsigned char)p[n - 1] << 16);
+            }
+        } else {
+            w = 0;
+        }
         h = fb_mix(h ^ w ^ 0x8EBC6AF09C88C6E3ULL, 0x589965CC75374CC3ULL);
         return (uint32_t)(fb_mix(h, 0x1D8E4E27C47D124FULL) >> 32);
     }
