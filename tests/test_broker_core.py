@@ -638,8 +638,8 @@ def test_recycled_buffers_do_not_grow_with_the_jobs() -> None:
         after = _broker_c.sendpool_counts()
         # Buffers came back (the pool is used), and 400 more jobs added none.
         assert sum(after_warm_up) >= 1, after_warm_up
-        assert all(n <= w for n, w in zip(after, after_warm_up)), (after_warm_up, after)
-        assert all(n <= k for n, k in zip(after, keep)), after
+        assert all(n <= w for n, w in zip(after, after_warm_up, strict=True)), (after_warm_up, after)
+        assert all(n <= k for n, k in zip(after, keep, strict=True)), after
         # 20,000 bytes of stdout is beyond the largest class (16 KiB): not pooled.
         assert after[-1] == after_warm_up[-1], (after_warm_up, after)
         assert h.broker.spare_bytes <= 4 << 20
