@@ -11,7 +11,10 @@
 # smaller one lives inside libzmq's message (no allocation at all below 34 bytes, and
 # zmq_msg_init_data would add one), a larger one is rare (payload) and copied anyway.
 # The lists are process-wide and outlive any broker, as libzmq may free a message
-# after its socket is gone; what the main thread keeps per class is bounded.
+# after its socket is gone; what the main thread keeps per class is bounded.  "The main
+# thread" is whoever holds the GIL: every broker of the process (an embedded one runs in
+# a thread of its own) takes buffers only from compiled code that holds it, so the free
+# lists need no lock; only the returned stacks are shared with libzmq's threads.
 
 cdef extern from *:
     """
@@ -62,7 +65,7 @@ cdef extern from *:
         return list;
     }
 
-    /* A buffer for a frame of `size` bytes (main thread only), its pool header in *hint;
+    /* A buffer for a frame of `size` bytes (GIL held), its pool header in *hint;
        NULL when out of memory or beyond the largest class. */
     static void* fb_pool_take(size_t size, void** hint) {
         size_t need = size + sizeof(fb_pool_buf), c = 0;
@@ -86,7 +89,7 @@ cdef extern from *:
         return (char*)b + sizeof(fb_pool_buf);
     }
 
-    /* Main thread only: the buffers on its lists and in the returned stacks (tests). */
+    /* GIL held: the buffers on the free lists and in the returned stacks (tests). */
     static size_t fb_pool_count(size_t c) {
         size_t n = 0;
         fb_pool_buf* b;
@@ -123,5 +126,5 @@ cdef inline int _msg_init_out(fb_zmq_msg_t* msg, size_t size) noexcept:
 
 def sendpool_counts():
     """Buffers held by the send pool per size class (tests: the pool does not grow with
-    the jobs sent).  Main thread only."""
+    the jobs sent)."""
     return [fb_pool_count(c) for c in range(FB_POOL_CLASSES)]
