@@ -151,14 +151,17 @@ cdef int _raise_pending() except -1:
 
 
 cdef struct JobRecord:
-    # One malloc per job, freed with its result: this header, then the job's key
-    # (wire.job_key), its owner's identity and the client's new-job frame, kept whole so
-    # that the agent's frame is spliced from it at dispatch and the queue snapshot can read
-    # its fields.  ``tag`` is the key's hash tag in the job index; ``plan`` the spans of
-    # the frame that the agent's frame changes (made from the arrival scan: a job that
+    # One malloc per job, freed with its result: this header, then its owner's identity
+    # and the client's new-job frame, kept whole so that the agent's frame is spliced from
+    # it at dispatch and the queue snapshot can read its fields.  The job's key
+    # (wire.job_key: the owner's identity and the job id in 0.5, the job id in 0.9) is not
+    # stored apart: the job id is read where it lies in the frame (``job_id_start``,
+    # ``job_id_len``).  ``tag`` is the key's hash tag in the job index; ``plan`` the spans
+    # of the frame that the agent's frame changes (made from the arrival scan: a job that
     # waited is spliced without a second scan), valid when ``planned``.
     uint32_t tag
-    uint32_t key_size
+    uint32_t job_id_start
+    uint32_t job_id_len
     uint32_t frame_size
     uint8_t owner_size
     uint8_t dialect
@@ -166,27 +169,37 @@ cdef struct JobRecord:
     NewJobPlan plan
 
 
-cdef inline char* _rec_key(JobRecord* rec) noexcept:
+cdef inline char* _rec_owner(JobRecord* rec) noexcept:
     return <char*>rec + sizeof(JobRecord)
 
 
-cdef inline char* _rec_owner(JobRecord* rec) noexcept:
-    return <char*>rec + sizeof(JobRecord) + rec.key_size
-
-
 cdef inline char* _rec_frame(JobRecord* rec) noexcept:
-    return <char*>rec + sizeof(JobRecord) + rec.key_size + rec.owner_size
+    return <char*>rec + sizeof(JobRecord) + rec.owner_size
 
 
-cdef const char* _job_key_of(void* owner, uint32_t job, Py_ssize_t* size) noexcept:
-    # owner: the address of a BrokerCore's job_rec (a plain pointer: no reference counting)
+cdef inline bytes _rec_key(JobRecord* rec):
+    """The job's key (wire.job_key), built."""
+    cdef bytes key = PyBytes_FromStringAndSize(
+        NULL, job_key_size(rec.dialect, rec.owner_size, rec.job_id_len))
+    write_job_key(PyBytes_AS_STRING(key), rec.dialect, _rec_owner(rec), rec.owner_size,
+                  _rec_frame(rec) + rec.job_id_start, rec.job_id_len)
+    return key
+
+
+cdef bint _job_key_is(void* owner, uint32_t job, const char* key, Py_ssize_t size) noexcept:
+    """Whether the key of ``job`` is ``key[:size]``: wire.write_job_key's layout, compared
+    part by part with the record (owner: the address of a BrokerCore's job_rec)."""
     cdef JobRecord* rec = (<JobRecord***>owner)[0][job]
-    size[0] = rec.key_size
-    return _rec_key(rec)
+    cdef Py_ssize_t ident_len = 0 if rec.dialect == V09 else rec.owner_size
+    if size != 1 + ident_len + <Py_ssize_t>rec.job_id_len or <uint8_t>key[0] != ident_len:
+        return False
+    if ident_len and memcmp(key + 1, _rec_owner(rec), ident_len) != 0:
+        return False
+    return memcmp(key + 1 + ident_len, _rec_frame(rec) + rec.job_id_start, rec.job_id_len) == 0
 
 
 cdef inline size_t _rec_size(JobRecord* rec) noexcept:
-    return sizeof(JobRecord) + rec.key_size + rec.owner_size + rec.frame_size
+    return sizeof(JobRecord) + rec.owner_size + rec.frame_size
 
 
 # Finished jobs' records are kept for reuse: a record (header, key, owner, frame) is
@@ -241,7 +254,7 @@ cdef inline void _spare_or_free(Spares* sp, JobRecord* rec, size_t need) noexcep
 
 
 cdef void _spares_free(Spares* sp) noexcept:
-    cdef size_t i
+    cdef int i
     cdef void* rec
     if sp.lists == NULL:
         return
@@ -285,13 +298,12 @@ cdef class BrokerCore:
     cdef public list agent_dialect
     cdef public list agent_missed
     # Jobs, by the scheduler's job index (job_cap long): the record (NULL when the index
-    # is free), the wall-clock dispatch time, and the monotonic times of submission and
-    # dispatch for the wait / run time histograms.  The index finds a job by its key.
+    # is free) and one monotonic time, the submission's while the job waits, the
+    # dispatch's while it runs (the wait / run time histograms; the wall-clock dispatch
+    # time the queue snapshot shows is derived from it).  The index finds a job by its key.
     cdef JobRecord** job_rec
     cdef Spares spares
-    cdef double* t_started
-    cdef double* t_submitted
-    cdef double* t_sent
+    cdef double* t_mark
     cdef Py_ssize_t job_cap
     cdef Index job_index
     # A buffer to build the key of a job an agent speaks of (grown as needed).
@@ -363,9 +375,7 @@ cdef class BrokerCore:
             free(self.job_rec[job])
         free(self.job_rec)
         _spares_free(&self.spares)
-        free(self.t_started)
-        free(self.t_submitted)
-        free(self.t_sent)
+        free(self.t_mark)
         free(self.scratch)
         index_free(&self.job_index)
 
@@ -397,18 +407,10 @@ cdef class BrokerCore:
         self.job_rec = <JobRecord**>p
         for job in range(self.job_cap, cap):
             self.job_rec[job] = NULL
-        p = realloc(self.t_started, cap * sizeof(double))
+        p = realloc(self.t_mark, cap * sizeof(double))
         if p == NULL:
             raise MemoryError()
-        self.t_started = <double*>p
-        p = realloc(self.t_submitted, cap * sizeof(double))
-        if p == NULL:
-            raise MemoryError()
-        self.t_submitted = <double*>p
-        p = realloc(self.t_sent, cap * sizeof(double))
-        if p == NULL:
-            raise MemoryError()
-        self.t_sent = <double*>p
+        self.t_mark = <double*>p
         self.job_cap = cap
         return 0
 
@@ -423,7 +425,7 @@ cdef class BrokerCore:
 
     cdef inline int _job_of(self, const char* key, Py_ssize_t size, uint32_t tag) noexcept:
         """The job whose key is ``key[:size]`` (hash tag ``tag``), or -1."""
-        cdef uint32_t job = index_find(&self.job_index, tag, key, size, _job_key_of, <void*>&self.job_rec)
+        cdef uint32_t job = index_find_by(&self.job_index, tag, key, size, _job_key_is, <void*>&self.job_rec)
         return -1 if job == INDEX_NONE else <int>job
 
     cdef int _find_job(self, int dialect, const char* ident, Py_ssize_t ident_len,
@@ -472,12 +474,16 @@ cdef class BrokerCore:
         if job < 0 or job >= self.job_cap:
             raise IndexError(job)
         if column == COLUMN_STARTED:
-            return self.t_started[job]
+            # The wall-clock time of the dispatch, from its monotonic time (kept for the
+            # run-time histogram): one timestamp per job, not two.
+            if self.sched.c_job_state(job) != JOB_RUNNING:
+                return 0.0
+            return self.t_mark[job] + (_wall_clock() - _monotonic())
         rec = self.job_rec[job]
         if rec == NULL:
             return None
         if column == COLUMN_KEY:
-            return _bytes(_rec_key(rec), rec.key_size)
+            return _rec_key(rec)
         if column == COLUMN_CLIENT:
             return _bytes(_rec_owner(rec), rec.owner_size)
         return _bytes(_rec_frame(rec), rec.frame_size)
@@ -713,26 +719,24 @@ cdef class BrokerCore:
     cdef int _new_job(self, const char* ident, Py_ssize_t ident_len, Scan* scan, const char* data,
                       Py_ssize_t size) except -1:
         cdef int job, agent = -1
-        cdef Py_ssize_t key_size = job_key_size(scan.dialect, ident_len, scan.job_id_len)
-        cdef size_t rec_size = sizeof(JobRecord) + key_size + ident_len + size
+        cdef char* key = self._scratch(job_key_size(scan.dialect, ident_len, scan.job_id_len))
+        cdef Py_ssize_t key_size = write_job_key(key, scan.dialect, ident, ident_len, scan.job_id,
+                                                 scan.job_id_len)
+        cdef uint32_t tag = fb_tag(key, key_size)
+        cdef size_t rec_size = sizeof(JobRecord) + ident_len + size
         cdef JobRecord* rec
-        cdef char* key
         self.jobs_submitted += 1
         self.submitted_by[scan.dialect] += 1
-        # The record is made first and its key written in place: the lookup needs the
-        # key's bytes, and a duplicate (rare) is simply freed again.
-        rec = _spare_or_malloc(&self.spares, rec_size)
-        if rec == NULL:
-            raise MemoryError()
-        key = _rec_key(rec)
-        write_job_key(key, scan.dialect, ident, ident_len, scan.job_id, scan.job_id_len)
-        rec.tag = fb_tag(key, key_size)
-        if self._job_of(key, key_size, rec.tag) >= 0:
-            _spare_or_free(&self.spares, rec, rec_size)
+        if self._job_of(key, key_size, tag) >= 0:
             self.duplicate_job(_bytes(ident, ident_len),
                                PyUnicode_DecodeUTF8(scan.job_id, scan.job_id_len, NULL), scan.dialect)
             return 0
-        rec.key_size = <uint32_t>key_size
+        rec = _spare_or_malloc(&self.spares, rec_size)
+        if rec == NULL:
+            raise MemoryError()
+        rec.tag = tag
+        rec.job_id_start = <uint32_t>(scan.job_id - data)  # the scan's spans lie in data
+        rec.job_id_len = <uint32_t>scan.job_id_len
         rec.owner_size = <uint8_t>ident_len   # a ZeroMQ identity: 1..255 bytes
         rec.frame_size = <uint32_t>size       # at most MAX_FRAME_SIZE (256 MiB)
         rec.dialect = <uint8_t>scan.dialect
@@ -751,10 +755,12 @@ cdef class BrokerCore:
             raise
         index_insert(&self.job_index, rec.tag, job)
         self.job_rec[job] = rec
-        self.t_started[job] = 0.0
-        self.t_submitted[job] = _monotonic()
+        self.t_mark[job] = _monotonic()  # submitted; _sent_new_job makes it the dispatch time
         if FB_DEBUG:
             self._check_counts()
+            # The key read from the record (owner, job id in the frame) finds this job.
+            if self._lookup(_rec_key(rec)) != job:
+                raise AssertionError(f"job {job} is not found by its own key")
         if self.log_jobs:
             self.job_event("queued", job, -1)
         if agent >= 0:
@@ -818,10 +824,9 @@ cdef class BrokerCore:
         """Record a job's dispatch and send its spliced frame (``out``) to its agent."""
         cdef bytes agent_ident = self.agent_ident[agent]
         cdef double now = _monotonic()
-        self.t_started[job] = _wall_clock()
-        self.t_sent[job] = now
-        self.wait_counts[dialect][_bucket(now - self.t_submitted[job])] += 1
-        self.wait_total[dialect] += now - self.t_submitted[job]
+        self.wait_counts[dialect][_bucket(now - self.t_mark[job])] += 1
+        self.wait_total[dialect] += now - self.t_mark[job]
+        self.t_mark[job] = now
         if self.log_jobs:
             try:
                 self.job_event("sent", job, agent)
@@ -901,7 +906,7 @@ cdef class BrokerCore:
             write_job_started(<char*>lz.msg_data(&out), scan.dialect, scan.job_id, scan.job_id_len)
         self._send_msg(self.client_handle, _rec_owner(rec), rec.owner_size, &out, "client")
         if scan.type == AGENT_JOB_DONE:
-            elapsed = _monotonic() - self.t_sent[job]
+            elapsed = _monotonic() - self.t_mark[job]
             self.run_counts[scan.dialect][_bucket(elapsed)] += 1
             self.run_total[scan.dialect] += elapsed
             self._forget(job)
@@ -973,5 +978,5 @@ cdef class JobsView(DictFace):
         for job in range(self.core.job_cap):
             rec = self.core.job_rec[job]
             if rec != NULL:
-                out.append((_bytes(_rec_key(rec), rec.key_size), job))
+                out.append((_rec_key(rec), job))
         return out

@@ -124,6 +124,25 @@ cdef inline uint32_t index_find(const Index* ix, uint32_t tag, const char* key, 
         i = (i + 1) & mask
 
 
+ctypedef bint (*key_is_t)(void* owner, uint32_t value, const char* key, Py_ssize_t size) noexcept
+
+
+cdef inline uint32_t index_find_by(const Index* ix, uint32_t tag, const char* key, Py_ssize_t size,
+                                   key_is_t key_is, void* owner) noexcept:
+    """index_find for values whose keys are not stored whole: ``key_is`` tells whether
+    a value's key is ``key[:size]``."""
+    cdef uint32_t mask = ix.mask
+    cdef uint32_t i = tag & mask
+    cdef uint64_t slot
+    while True:  # ends: the load is at most 1/2, so an empty slot is always reached
+        slot = ix.slots[i]
+        if slot == 0:
+            return INDEX_NONE
+        if <uint32_t>(slot >> 32) == tag and key_is(owner, <uint32_t>slot - 1, key, size):
+            return <uint32_t>slot - 1
+        i = (i + 1) & mask
+
+
 cdef inline void _index_place(uint64_t* slots, uint32_t mask, uint64_t entry) noexcept:
     cdef uint32_t i = <uint32_t>(entry >> 32) & mask
     while slots[i] != 0:
