@@ -29,6 +29,7 @@ from fastbackend._wire_c cimport (
     NewJobPlan,
     Scan,
     agent_to_client_size,
+    job_key_c,
     job_key_size,
     job_started_size,
     new_job_size,
@@ -120,13 +121,6 @@ cdef tuple PONG_FRAMES = tuple(d.pong_frame for d in DIALECTS)
 cdef tuple UNKNOWN_FRAMES = tuple(d.unknown_frame for d in DIALECTS)
 
 
-cdef inline int _scan_side(bint from_agent, int dialect, const char* data, Py_ssize_t size,
-                           Scan* scan) except -1:
-    if from_agent:
-        return scan_agent_c(dialect, data, size, scan)
-    return scan_client_c(dialect, data, size, scan)
-
-
 # The scanners called through a pointer that Cython treats as not raising: -1 then means
 # a WireError is *pending*, and the caller takes the rare path (with its try) only then.
 # A try around every scan costs the saving and restoring of the exception state, each
@@ -179,11 +173,8 @@ cdef inline char* _rec_frame(JobRecord* rec) noexcept:
 
 cdef inline bytes _rec_key(JobRecord* rec):
     """The job's key (wire.job_key), built."""
-    cdef bytes key = PyBytes_FromStringAndSize(
-        NULL, job_key_size(rec.dialect, rec.owner_size, rec.job_id_len))
-    write_job_key(PyBytes_AS_STRING(key), rec.dialect, _rec_owner(rec), rec.owner_size,
-                  _rec_frame(rec) + rec.job_id_start, rec.job_id_len)
-    return key
+    return job_key_c(rec.dialect, _rec_owner(rec), rec.owner_size,
+                     _rec_frame(rec) + rec.job_id_start, rec.job_id_len)
 
 
 cdef bint _job_key_is(void* owner, uint32_t job, const char* key, Py_ssize_t size) noexcept:
@@ -425,15 +416,16 @@ cdef class BrokerCore:
 
     cdef inline int _job_of(self, const char* key, Py_ssize_t size, uint32_t tag) noexcept:
         """The job whose key is ``key[:size]`` (hash tag ``tag``), or -1."""
-        cdef uint32_t job = index_find_by(&self.job_index, tag, key, size, _job_key_is, <void*>&self.job_rec)
+        cdef uint32_t job = index_find(&self.job_index, tag, key, size, _job_key_is, <void*>&self.job_rec)
         return -1 if job == INDEX_NONE else <int>job
 
     cdef int _find_job(self, int dialect, const char* ident, Py_ssize_t ident_len,
-                       const char* job_id, Py_ssize_t job_id_len) except -2:
-        """The job of that key (see wire.job_key), or -1."""
+                       const char* job_id, Py_ssize_t job_id_len, uint32_t* tag) except -2:
+        """The job of that key (see wire.job_key), or -1; the key's hash tag in ``tag``."""
         cdef char* key = self._scratch(job_key_size(dialect, ident_len, job_id_len))
         cdef Py_ssize_t size = write_job_key(key, dialect, ident, ident_len, job_id, job_id_len)
-        return self._job_of(key, size, fb_tag(key, size))
+        tag[0] = fb_tag(key, size)
+        return self._job_of(key, size, tag[0])
 
     # -- the views the rare paths read --------------------------------------------
 
@@ -651,9 +643,10 @@ cdef class BrokerCore:
                 self.dropped(side, _bytes(ident, ident_len), str(exc))
                 return 0
             dialect, first_error = 1 - dialect, exc  # the other of the two dialects
-        try:
-            _scan_side(from_agent, dialect, data, size, scan)
+        if _scan_pending(from_agent, dialect, data, size, scan) == 0:
             return 1
+        try:
+            _raise_pending()
         except WireError as exc:
             if first_error is not None:
                 reason = str(first_error)
@@ -719,15 +712,12 @@ cdef class BrokerCore:
     cdef int _new_job(self, const char* ident, Py_ssize_t ident_len, Scan* scan, const char* data,
                       Py_ssize_t size) except -1:
         cdef int job, agent = -1
-        cdef char* key = self._scratch(job_key_size(scan.dialect, ident_len, scan.job_id_len))
-        cdef Py_ssize_t key_size = write_job_key(key, scan.dialect, ident, ident_len, scan.job_id,
-                                                 scan.job_id_len)
-        cdef uint32_t tag = fb_tag(key, key_size)
+        cdef uint32_t tag
         cdef size_t rec_size = sizeof(JobRecord) + ident_len + size
         cdef JobRecord* rec
         self.jobs_submitted += 1
         self.submitted_by[scan.dialect] += 1
-        if self._job_of(key, key_size, tag) >= 0:
+        if self._find_job(scan.dialect, ident, ident_len, scan.job_id, scan.job_id_len, &tag) >= 0:
             self.duplicate_job(_bytes(ident, ident_len),
                                PyUnicode_DecodeUTF8(scan.job_id, scan.job_id_len, NULL), scan.dialect)
             return 0
@@ -870,6 +860,7 @@ cdef class BrokerCore:
         cdef Py_ssize_t out_size
         cdef JobRecord* rec
         cdef int agent, job, following, dialect = -1
+        cdef uint32_t tag
         agent = <int>self.agents.c_get(ident, ident_len, -1)
         if agent >= 0:
             dialect = self.agent_dialect[agent]
@@ -886,7 +877,7 @@ cdef class BrokerCore:
         if scan.type == PONG:
             self.agent_missed[agent] = 0
             return 0
-        job = self._find_job(scan.dialect, scan.ident, scan.ident_len, scan.job_id, scan.job_id_len)
+        job = self._find_job(scan.dialect, scan.ident, scan.ident_len, scan.job_id, scan.job_id_len, &tag)
         if job < 0 or self.sched.c_job_state(job) != JOB_RUNNING or self.sched.c_job_agent(job) != agent:
             self.dropped("agent", _bytes(ident, ident_len), "message about job %r, which is not running there"
                          % PyUnicode_DecodeUTF8(scan.job_id, scan.job_id_len, "replace"), "not_running")

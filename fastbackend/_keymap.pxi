@@ -5,8 +5,8 @@
 # An Index is open addressing with linear probing over a power-of-two array of 64-bit
 # slots: the upper half of a slot is its key's hash tag (the upper 32 bits of the 64-bit
 # hash, which also gives the home slot), the lower half the value + 1 (0: empty).  Keys
-# are not in the index: ``key_of(owner, value)`` reads value's key where its owner keeps
-# it (a job's record, a ByteMap's own copy), so a slot costs 8 bytes.  The load stays
+# are not in the index: ``key_is(owner, value, key)`` compares value's key where its owner
+# keeps it (a job's record, a ByteMap's own copy), so a slot costs 8 bytes.  The load stays
 # between 1/8 and 1/2 (grown and shrunk by doubling), deletion shifts the following
 # entries back (no tombstones), and a full 32-bit tag is compared before any key.
 #
@@ -76,7 +76,8 @@ import os as _os
 
 fb_hash_seed = int.from_bytes(_os.urandom(8), "little")
 
-ctypedef const char* (*key_of_t)(void* owner, uint32_t value, Py_ssize_t* size) noexcept
+# Whether value's key is key[:size], asked of the index's owner (see above).
+ctypedef bint (*key_is_t)(void* owner, uint32_t value, const char* key, Py_ssize_t size) noexcept
 
 cdef enum:
     INDEX_NONE = 0xFFFFFFFF
@@ -106,31 +107,8 @@ cdef void index_free(Index* ix) noexcept:
 
 
 cdef inline uint32_t index_find(const Index* ix, uint32_t tag, const char* key, Py_ssize_t size,
-                                key_of_t key_of, void* owner) noexcept:
+                                key_is_t key_is, void* owner) noexcept:
     """The value whose key is ``key[:size]`` (hash tag ``tag``), or INDEX_NONE."""
-    cdef uint32_t mask = ix.mask
-    cdef uint32_t i = tag & mask
-    cdef uint64_t slot
-    cdef const char* found
-    cdef Py_ssize_t found_size
-    while True:  # ends: the load is at most 1/2, so an empty slot is always reached
-        slot = ix.slots[i]
-        if slot == 0:
-            return INDEX_NONE
-        if <uint32_t>(slot >> 32) == tag:
-            found = key_of(owner, <uint32_t>slot - 1, &found_size)
-            if found_size == size and memcmp(found, key, size) == 0:
-                return <uint32_t>slot - 1
-        i = (i + 1) & mask
-
-
-ctypedef bint (*key_is_t)(void* owner, uint32_t value, const char* key, Py_ssize_t size) noexcept
-
-
-cdef inline uint32_t index_find_by(const Index* ix, uint32_t tag, const char* key, Py_ssize_t size,
-                                   key_is_t key_is, void* owner) noexcept:
-    """index_find for values whose keys are not stored whole: ``key_is`` tells whether
-    a value's key is ``key[:size]``."""
     cdef uint32_t mask = ix.mask
     cdef uint32_t i = tag & mask
     cdef uint64_t slot
@@ -229,11 +207,10 @@ cdef inline StoredKey* _stored_key(const char* key, Py_ssize_t size) noexcept:
     return stored
 
 
-cdef const char* _bytemap_key(void* owner, uint32_t entry, Py_ssize_t* size) noexcept:
+cdef bint _bytemap_key_is(void* owner, uint32_t entry, const char* key, Py_ssize_t size) noexcept:
     # owner: the address of a ByteMap's stored array (a plain pointer: no reference counting)
     cdef StoredKey* stored = (<StoredKey***>owner)[0][entry]
-    size[0] = stored.size
-    return stored.data
+    return stored.size == size and memcmp(stored.data, key, size) == 0
 
 
 _MISSING = object()
@@ -304,7 +281,7 @@ cdef class ByteMap(DictFace):
 
     cdef inline uint32_t _find(self, const char* key, Py_ssize_t size, uint32_t* tag) noexcept:
         tag[0] = fb_tag(key, size)
-        return index_find(&self.index, tag[0], key, size, _bytemap_key, <void*>&self.stored)
+        return index_find(&self.index, tag[0], key, size, _bytemap_key_is, <void*>&self.stored)
 
     cdef inline int64_t c_get(self, const char* key, Py_ssize_t size, int64_t default) noexcept:
         cdef uint32_t tag

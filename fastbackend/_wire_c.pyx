@@ -550,23 +550,25 @@ cdef Py_ssize_t _skip(const uchar* buf, Py_ssize_t pos, Py_ssize_t n, int depth,
 
 cdef inline Py_ssize_t _skip_value(const uchar* buf, Py_ssize_t pos, Py_ssize_t n,
                                    bint timestamps) except -1:
-    """_skip(buf, pos, n, 1, timestamps) for a message's top-level value, with the values
-    most entries hold done here without the call: a fixint, nil, a bool, a float64, an
-    empty map or array, a valid fixstr.  Anything else, or anything amiss, goes to _skip,
-    which accepts and refuses exactly as before."""
-    cdef uchar lead
+    """_skip(buf, pos, n, 1, timestamps) for a message's top-level value.  Most entries
+    hold a scalar of a fixed size, skipped here by the size table (small enough to be
+    inlined into the scan); anything else goes to _skip_other."""
+    cdef Py_ssize_t size = SCALAR_SIZE[buf[pos]] if pos < n else 0
+    if size != 0 and size <= n - pos:
+        return pos + size
+    return _skip_other(buf, pos, n, timestamps)
+
+
+cdef Py_ssize_t _skip_other(const uchar* buf, Py_ssize_t pos, Py_ssize_t n,
+                            bint timestamps) except -1:
+    """_skip_value's other values: a valid fixstr here, without the skipper's loop;
+    anything else, or anything amiss, goes to _skip, which accepts and refuses exactly
+    as before."""
     cdef Py_ssize_t length
-    if pos < n:
-        lead = buf[pos]
-        if lead <= 0x7F or lead >= 0xE0 or lead == 0xC0 or lead == 0xC2 or lead == 0xC3 \
-                or lead == 0x80 or lead == 0x90:
-            return pos + 1
-        if 0xA0 <= lead <= 0xBF:
-            length = lead & 0x1F
-            if length < n - pos and _text_valid(buf + pos + 1, length):
-                return pos + 1 + length
-        elif lead == 0xCB and 8 < n - pos:
-            return pos + 9
+    if pos < n and 0xA0 <= buf[pos] <= 0xBF:
+        length = buf[pos] & 0x1F
+        if length < n - pos and _text_valid(buf + pos + 1, length):
+            return pos + 1 + length
     return _skip(buf, pos, n, 1, timestamps)
 
 
@@ -952,7 +954,7 @@ cdef int _scan(const Side* side, const char* frame, Py_ssize_t n, Scan* out) exc
     cdef Py_ssize_t start = 0, length = 0
     cdef Py_ssize_t type_start = -1, type_len = 0
     cdef size_t count
-    cdef int gid, kind, size
+    cdef int gid, kind
     cdef bint ascending = True   # the frame's fields come in increasing field id order
     cdef uint32_t seen = 0, bit, extra, missing
     cdef bint negative = False
@@ -1034,13 +1036,7 @@ cdef int _scan(const Side* side, const char* frame, Py_ssize_t n, Scan* out) exc
             out.field[i] = <int>i - <int>(seen & 1)
             kind = f.kind
             if kind == K_ANY:
-                # Most pass-through values are scalars of a fixed size (what _skip does
-                # for them, without the call).
-                size = SCALAR_SIZE[buf[pos]] if pos < n else 0
-                if size != 0 and size <= n - pos:
-                    pos += size
-                else:
-                    pos = _skip_value(buf, pos, n, side.timestamps)
+                pos = _skip_value(buf, pos, n, side.timestamps)
             else:  # (an if of its own: K_ANY, the most frequent, is tested first)
                 if kind == K_STR:
                     if not _read_str(buf, pos, n, &start, &length):
