@@ -26,6 +26,7 @@ from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 from fastbackend._sched_c cimport JOB_RUNNING, Scheduler
 from fastbackend._wire_c cimport (
+    PLAN_NONE,
     NewJobPlan,
     Scan,
     agent_to_client_size,
@@ -150,17 +151,16 @@ cdef struct JobRecord:
     # it at dispatch and the queue snapshot can read its fields.  The job's key
     # (wire.job_key: the owner's identity and the job id in 0.5, the job id in 0.9) is not
     # stored apart: the job id is read where it lies in the frame (``job_id_start``,
-    # ``job_id_len``).  ``tag`` is the key's hash tag in the job index; ``plan`` the spans
-    # of the frame that the agent's frame changes (made from the arrival scan: a job that
-    # waited is spliced without a second scan), valid when ``planned``.
-    uint32_t tag
+    # ``job_id_len``), and the key's hash tag is computed again when the job leaves the
+    # index.  ``plan`` holds where the entries the agent's frame changes start (made from
+    # the arrival scan: a job that waited is spliced without a second scan; plan.n is
+    # PLAN_NONE if the frame could not be planned).  32 bytes.
+    NewJobPlan plan
     uint32_t job_id_start
     uint32_t job_id_len
     uint32_t frame_size
     uint8_t owner_size
     uint8_t dialect
-    uint8_t planned
-    NewJobPlan plan
 
 
 cdef inline char* _rec_owner(JobRecord* rec) noexcept:
@@ -724,13 +724,12 @@ cdef class BrokerCore:
         rec = _spare_or_malloc(&self.spares, rec_size)
         if rec == NULL:
             raise MemoryError()
-        rec.tag = tag
         rec.job_id_start = <uint32_t>(scan.job_id - data)  # the scan's spans lie in data
         rec.job_id_len = <uint32_t>scan.job_id_len
         rec.owner_size = <uint8_t>ident_len   # a ZeroMQ identity: 1..255 bytes
         rec.frame_size = <uint32_t>size       # at most MAX_FRAME_SIZE (256 MiB)
         rec.dialect = <uint8_t>scan.dialect
-        rec.planned = plan_new_job(scan, &rec.plan) == 0
+        plan_new_job(data, scan, &rec.plan)  # if it cannot, plan.n says so
         memcpy(_rec_owner(rec), ident, ident_len)
         memcpy(_rec_frame(rec), data, size)
         try:
@@ -743,7 +742,7 @@ cdef class BrokerCore:
         except BaseException:
             _spare_or_free(&self.spares, rec, rec_size)
             raise
-        index_insert(&self.job_index, rec.tag, job)
+        index_insert(&self.job_index, tag, job)
         self.job_rec[job] = rec
         self.t_mark[job] = _monotonic()  # submitted; _sent_new_job makes it the dispatch time
         if FB_DEBUG:
@@ -769,7 +768,7 @@ cdef class BrokerCore:
         cdef JobRecord* rec = self._record(job)
         cdef const char* frame = _rec_frame(rec)
         cdef Py_ssize_t size, written
-        if not rec.planned:  # never so for the dialects' rules, but the scan would do
+        if rec.plan.n == PLAN_NONE:  # never so for the dialects' rules, but the scan would do
             scan_client_c(rec.dialect, frame, rec.frame_size, &scan)
             return self._send_new_job(job, agent, &scan, frame)
         size = planned_new_job_size(frame, rec.frame_size, &rec.plan, rec.dialect, rec.owner_size)
@@ -842,11 +841,17 @@ cdef class BrokerCore:
 
     def forget_job(self, int job):
         """Drop a job's key, owner and frame: from now on, messages about it are dropped."""
-        self._forget(job)
-
-    cdef int _forget(self, int job) except -1:
         cdef JobRecord* rec = self._record(job)
-        index_remove(&self.job_index, rec.tag, job)
+        cdef uint32_t tag
+        if self._find_job(rec.dialect, _rec_owner(rec), rec.owner_size, _rec_frame(rec) + rec.job_id_start,
+                          rec.job_id_len, &tag) != job:
+            raise AssertionError(f"job {job} is not found by its own key")
+        self._forget(job, tag)
+
+    cdef int _forget(self, int job, uint32_t tag) except -1:
+        """Drop a job found under hash tag ``tag`` (what _find_job gave)."""
+        cdef JobRecord* rec = self._record(job)
+        index_remove(&self.job_index, tag, job)
         self.job_rec[job] = NULL
         _spare_or_free(&self.spares, rec, _rec_size(rec))
         return 0
@@ -900,7 +905,7 @@ cdef class BrokerCore:
             elapsed = _monotonic() - self.t_mark[job]
             self.run_counts[scan.dialect][_bucket(elapsed)] += 1
             self.run_total[scan.dialect] += elapsed
-            self._forget(job)
+            self._forget(job, tag)
             self.jobs_done += 1
             self.done_by[scan.dialect] += 1
             following = self.sched.c_finish(job)

@@ -19,19 +19,39 @@ cpdef enum:
 
 cdef enum:
     NIL = 0xFFFFFFFF
+    ENV_MAX = 0x3FFFFFFF   # environment ids fit Job.env's 30 bits
 
 
-ctypedef struct Job:
-    uint64_t stamp    # clock value at arrival while waiting, at dispatch while running
-    int64_t priority  # lower starts first; waiting jobs are ordered by (priority, stamp)
-    uint32_t env
-    uint32_t agent    # NIL unless running
-    # Waiting in the run: neighbours in the environment's run.  Running: neighbours in
-    # the agent's job list.  Free: next is the next free job.  Otherwise NIL.
-    uint32_t prev
-    uint32_t next
-    uint32_t heap_pos # index in the environment's heap while waiting there; NIL otherwise
-    uint8_t state
+# A job: 32 bytes (a million queued jobs hold a million of them).  ``agent`` (running) and
+# ``heap_pos`` (waiting) share their four bytes, and ``env`` and ``state`` theirs: C
+# declares the layout, Cython reads the fields by name.
+cdef extern from *:
+    """
+    #include <stdint.h>
+    typedef struct {
+        uint64_t stamp;     /* clock value at arrival while waiting, at dispatch while running */
+        int64_t priority;   /* lower starts first; waiting jobs are ordered by (priority, stamp) */
+        /* Waiting in the run: neighbours in the environment's run.  Running: neighbours
+           in the agent's job list.  Free: next is the next free job.  Otherwise NIL. */
+        uint32_t prev;
+        uint32_t next;
+        union {
+            uint32_t agent;     /* running: its agent */
+            uint32_t heap_pos;  /* waiting: its index in the environment's heap, NIL in the run */
+        };                      /* free: NIL */
+        uint32_t env : 30;      /* ENV_MAX is the largest */
+        uint32_t state : 2;
+    } fb_sched_job;
+    """
+    ctypedef struct Job "fb_sched_job":
+        uint64_t stamp
+        int64_t priority
+        uint32_t prev
+        uint32_t next
+        uint32_t agent
+        uint32_t heap_pos
+        uint32_t env
+        uint32_t state
 
 
 ctypedef struct Agent:

@@ -151,6 +151,8 @@ cdef class Scheduler:
         known = self.env_ids.get(name)
         if known is not None:
             return known
+        if self.envs_len > ENV_MAX:
+            raise MemoryError("scheduler environment space exhausted")
         if self.envs_len >= self.envs_cap:
             _grow(<void**>&self.envs, &self.envs_cap, sizeof(Env), self.envs_len)
         env = &self.envs[self.envs_len]
@@ -318,9 +320,8 @@ cdef class Scheduler:
         j = self._new_job()  # may move self.jobs: take pointers after it
         job = &self.jobs[j]
         job.env = env
-        job.agent = NIL
         job.prev = job.next = NIL
-        job.heap_pos = NIL
+        job.heap_pos = NIL  # in the run (or running: _start sets the agent)
         job.priority = priority
         job.stamp = self.clock
         self.clock += 1
@@ -603,8 +604,8 @@ cdef class Scheduler:
                     _fail(f"job {j}: free but not on the free list")
             elif job.state == JOB_WAITING:
                 waiting += 1
-                if job.env >= self.envs_len or job.agent != NIL:
-                    _fail(f"job {j}: waiting with a bad env or an agent")
+                if job.env >= self.envs_len:
+                    _fail(f"job {j}: waiting with a bad env")
                 if job.heap_pos != NIL and (
                         job.heap_pos >= self.envs[job.env].heap_len or self.envs[job.env].heap[job.heap_pos] != j):
                     _fail(f"job {j}: heap position is wrong")
@@ -614,8 +615,8 @@ cdef class Scheduler:
                     _fail(f"job {j}: runs on a dead agent")
             else:
                 _fail(f"job {j}: bad state {job.state}")
-            if job.state != JOB_WAITING and job.heap_pos != NIL:
-                _fail(f"job {j}: not waiting but has a heap position")
+            if job.state == JOB_FREE and job.agent != NIL:
+                _fail(f"job {j}: free but has an agent or a heap position")
         if waiting != self.n_waiting:
             _fail("waiting count is wrong")
         if running != self.n_running:
@@ -760,8 +761,7 @@ cdef class Scheduler:
 
     cdef void _free_job(self, uint32_t job) noexcept:
         self.jobs[job].state = JOB_FREE
-        self.jobs[job].agent = NIL
-        self.jobs[job].heap_pos = NIL
+        self.jobs[job].agent = NIL  # (the heap position's bytes too)
         self.jobs[job].prev = NIL
         self.jobs[job].next = self.job_free
         self.job_free = job

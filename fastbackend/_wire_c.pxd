@@ -32,20 +32,21 @@ cdef struct Scan:
     Py_ssize_t val_end[MAX_FIELDS]     # end of its value (= key_start of the next entry)
     int field[MAX_FIELDS]         # index in the type's declaration order; -1 for the type key
 
-# The spans the new-job splice of a stored client_new_job frame needs (see plan_new_job):
-# the entries the dialect's rule changes, in frame order.  32 bytes, kept by each job.
+# What the new-job splice of a stored client_new_job frame needs (see plan_new_job):
+# where each entry the dialect's rule changes starts, in frame order, and what is done to
+# it.  Each span's end is read from the frame when it is spliced (a str or a fixed-size
+# scalar: a few instructions), so that a job keeps 16 bytes of plan, not 28.
 cdef enum:
     PLAN_ENTRIES = 3    # the type key, the 0.5 job id, the dropped ones: 3 in both dialects
-    PLAN_TYPE = 0       # start: the value of the type key; end: its end
-    PLAN_PAIR = 1       # start, end: the job id's value, wrapped in [bin identity, value]
-    PLAN_DROP = 2       # start: the key of an entry left out; end: its value's end
+    PLAN_TYPE = 0       # start: the value of the type key (a str)
+    PLAN_PAIR = 1       # start: the job id's value (a str), wrapped in [bin identity, value]
+    PLAN_DROP = 2       # start: the key of an entry left out (its value a str or fixed-size scalar)
+    PLAN_NONE = 0xFF    # n of a frame that could not be planned (scanned again at dispatch)
 
 cdef struct NewJobPlan:
-    uint16_t out_fields
+    uint32_t start[PLAN_ENTRIES]
     uint8_t n
     uint8_t kind[PLAN_ENTRIES]
-    uint32_t start[PLAN_ENTRIES]
-    uint32_t end[PLAN_ENTRIES]
 
 # Check a whole frame from a client / an agent against the tables of `dialect` and fill
 # `out`.  Raise WireError (and return -1) when the frame is not a well-formed message
@@ -64,9 +65,10 @@ cdef int scan_agent_c(int dialect, const char* buf, Py_ssize_t n, Scan* out) exc
 cdef Py_ssize_t new_job_size(const Scan* s, Py_ssize_t ident_len) noexcept
 cdef Py_ssize_t write_new_job(char* out, const char* buf, const Scan* s,
                               const char* ident, Py_ssize_t ident_len) noexcept
-# The plan of a client_new_job scan (0, or -1 if it cannot be planned: scan again then),
-# and the new-job splice of the scanned frame `buf` (`size` bytes) from its plan alone.
-cdef int plan_new_job(const Scan* s, NewJobPlan* plan) noexcept
+# The plan of a client_new_job scan of `buf` (0; or -1, n = PLAN_NONE, if it cannot be
+# planned: scan again then), and the new-job splice of the scanned frame `buf` (`size`
+# bytes) from its plan alone.
+cdef int plan_new_job(const char* buf, const Scan* s, NewJobPlan* plan) noexcept
 cdef Py_ssize_t planned_new_job_size(const char* buf, Py_ssize_t size, const NewJobPlan* plan, int dialect,
                                      Py_ssize_t ident_len) noexcept
 cdef Py_ssize_t write_planned_new_job(char* out, const char* buf, Py_ssize_t size, const NewJobPlan* plan,

@@ -1274,15 +1274,42 @@ cdef Py_ssize_t write_new_job(char* out, const char* buf, const Scan* s,
 #
 # A job that waits is spliced later, from the frame its record keeps.  Rather than scan
 # that frame again (the largest share of a waiting job's cost), the broker keeps a
-# NewJobPlan made from the arrival scan: the entries the dialect's new-job rule changes
-# (the type key's, the 0.5 job id's, the dropped ones), in frame order.  Every byte
-# between them is copied as it is, as _splice_write does.
+# NewJobPlan made from the arrival scan: where the entries the dialect's new-job rule
+# changes start (the type key's value, the 0.5 job id's value, the dropped entries' keys),
+# in frame order.  Where each ends is read from the frame again: every one is a str or a
+# fixed-size scalar, whose length its header gives (plan_new_job checks that this gives
+# the scan's end, or does not plan).  Every byte between them is copied as it is, as
+# _splice_write does.
 
-cdef int plan_new_job(const Scan* s, NewJobPlan* plan) noexcept:
-    """Fill ``plan`` from a client_new_job scan; -1 if the rule changes more entries than a
-    plan holds (not so for any dialect's rule: the caller then scans again at dispatch)."""
+cdef inline Py_ssize_t _plain_end(const uchar* buf, Py_ssize_t pos) noexcept:
+    """The end of the str or fixed-size scalar at pos of a scanned frame; -1 for any other
+    value."""
+    cdef uchar lead = buf[pos]
+    if 0xA0 <= lead <= 0xBF:
+        return pos + 1 + (lead & 0x1F)
+    if lead == 0xD9 or lead == 0xDA or lead == 0xDB:
+        return pos + 1 + LEAD_SIZE[lead - 0xC0] + <Py_ssize_t>_be(buf + pos + 1, LEAD_SIZE[lead - 0xC0])
+    if SCALAR_SIZE[lead] != 0:
+        return pos + SCALAR_SIZE[lead]
+    return -1
+
+
+cdef inline Py_ssize_t _plan_end(const uchar* buf, const NewJobPlan* plan, int i) noexcept:
+    """Where plan entry i's span ends: its value's end (a dropped entry: after key and value)."""
+    cdef Py_ssize_t end = _plain_end(buf, plan.start[i])
+    if plan.kind[i] == PLAN_DROP and end >= 0:
+        end = _plain_end(buf, end)
+    return end
+
+
+cdef int plan_new_job(const char* buf, const Scan* s, NewJobPlan* plan) noexcept:
+    """Fill ``plan`` from a client_new_job scan of ``buf``; -1 (and plan.n = PLAN_NONE) if
+    it cannot be planned: an entry to change is not a str or fixed-size scalar, or the rule
+    changes more entries than a plan holds (neither is so for the dialects' rules and real
+    peers' frames; the caller then scans again at dispatch)."""
     cdef const SpliceRule* rule = &_dialects[s.dialect].new_job
     cdef int i, field, n = 0, kind
+    plan.n = PLAN_NONE
     for i in range(s.nfields):
         field = s.field[i]
         if field == TYPE_GID:
@@ -1295,14 +1322,14 @@ cdef int plan_new_job(const Scan* s, NewJobPlan* plan) noexcept:
             kind = PLAN_DROP
         else:
             continue
-        if n == PLAN_ENTRIES:
+        if n == PLAN_ENTRIES or s.val_end[i] > 0xFFFFFFFF:
             return -1
         plan.kind[n] = <uint8_t>kind
         plan.start[n] = <uint32_t>(s.key_start[i] if kind == PLAN_DROP else s.val_start[i])
-        plan.end[n] = <uint32_t>s.val_end[i]
+        if _plan_end(<const uchar*>buf, plan, n) != s.val_end[i]:
+            return -1
         n += 1
     plan.n = <uint8_t>n
-    plan.out_fields = <uint16_t>(s.nfields - rule.ndrop)
     return 0
 
 
@@ -1312,19 +1339,34 @@ cdef inline Py_ssize_t _entries_start(const char* buf) noexcept:
     return 3 if lead == 0xDE else 5 if lead == 0xDF else 1
 
 
+cdef inline Py_ssize_t _out_fields(const char* buf, const SpliceRule* rule) noexcept:
+    """The entries of the spliced map: the scanned map's (its header's count) less those the
+    rule drops (every one is in a scanned frame, as _splice_size counts)."""
+    cdef uchar lead = <uchar>buf[0]
+    cdef Py_ssize_t count
+    if lead == 0xDE:
+        count = <Py_ssize_t>_be(<const uchar*>buf + 1, 2)
+    elif lead == 0xDF:
+        count = <Py_ssize_t>_be(<const uchar*>buf + 1, 4)
+    else:
+        count = lead & 0x0F
+    return count - rule.ndrop
+
+
 cdef Py_ssize_t planned_new_job_size(const char* buf, Py_ssize_t size, const NewJobPlan* plan, int dialect,
                                      Py_ssize_t ident_len) noexcept:
     """Length of the frame write_planned_new_job makes (= new_job_size of the arrival scan)."""
     cdef const SpliceRule* rule = &_dialects[dialect].new_job
-    cdef Py_ssize_t out = _map_header_size(plan.out_fields) + size - _entries_start(buf)
+    cdef Py_ssize_t out = _map_header_size(_out_fields(buf, rule)) + size - _entries_start(buf)
     cdef int i
     for i in range(plan.n):
         if plan.kind[i] == PLAN_TYPE:
-            out += _str_header_size(rule.out_type_len) + rule.out_type_len - (plan.end[i] - plan.start[i])
+            out += (_str_header_size(rule.out_type_len) + rule.out_type_len
+                    - (_plan_end(<const uchar*>buf, plan, i) - plan.start[i]))
         elif plan.kind[i] == PLAN_PAIR:
             out += 1 + _bin_header_size(ident_len) + ident_len
         else:
-            out -= plan.end[i] - plan.start[i]
+            out -= _plan_end(<const uchar*>buf, plan, i) - plan.start[i]
     return out
 
 
@@ -1333,10 +1375,11 @@ cdef Py_ssize_t write_planned_new_job(char* out, const char* buf, Py_ssize_t siz
     """Write backend_new_job from a stored client_new_job frame and its plan; the bytes are
     those write_new_job writes from a scan of the same frame."""
     cdef const SpliceRule* rule = &_dialects[dialect].new_job
-    cdef char* o = _put_map_header(out, plan.out_fields)
-    cdef Py_ssize_t run = _entries_start(buf)
+    cdef char* o = _put_map_header(out, _out_fields(buf, rule))
+    cdef Py_ssize_t run = _entries_start(buf), end
     cdef int i
     for i in range(plan.n):
+        end = _plan_end(<const uchar*>buf, plan, i)
         if plan.kind[i] == PLAN_TYPE:
             o = _copy(o, buf, run, plan.start[i])  # the span and the type key
             o = _put_type_name(o, rule.out_type, rule.out_type_len)
@@ -1344,10 +1387,10 @@ cdef Py_ssize_t write_planned_new_job(char* out, const char* buf, Py_ssize_t siz
             o = _copy(o, buf, run, plan.start[i])
             o[0] = <char>0x92
             o = _put_bin(o + 1, ident, ident_len)
-            o = _copy(o, buf, plan.start[i], plan.end[i])  # the client's job id, as encoded
+            o = _copy(o, buf, plan.start[i], end)  # the client's job id, as encoded
         else:
             o = _copy(o, buf, run, plan.start[i])
-        run = plan.end[i]
+        run = end
     o = _copy(o, buf, run, size)
     return o - out
 
@@ -1557,8 +1600,8 @@ def splice_new_job_planned(bytes frame not None, bytes client_identity not None,
     cdef const char* buf = PyBytes_AS_STRING(frame)
     cdef Py_ssize_t ident_len = _scan_to_splice(frame, client_identity, dialect, &s)
     cdef Py_ssize_t size, written
-    if plan_new_job(&s, &plan) != 0:
-        raise AssertionError("the new-job rule changes more entries than a plan holds")
+    if plan_new_job(buf, &s, &plan) != 0:
+        raise AssertionError("this frame cannot be planned")
     size = planned_new_job_size(buf, len(frame), &plan, s.dialect, ident_len)
     out = PyBytes_FromStringAndSize(NULL, size)
     written = write_planned_new_job(PyBytes_AS_STRING(out), buf, len(frame), &plan, s.dialect,
