@@ -25,6 +25,10 @@ METRICS_PAIRS = int(os.environ.get("FASTBACKEND_BENCH_METRICS_PAIRS", "0")) or (
 SCRAPE_INTERVAL = float(os.environ.get("FASTBACKEND_BENCH_SCRAPE_INTERVAL", "1"))
 #: test_bench_ops.py: jobs waiting when `fastbackend status` is timed (the issue's figure).
 STATUS_WAITING = int(os.environ.get("FASTBACKEND_BENCH_STATUS_WAITING", "0")) or (2_000 if SMOKE else 100_000)
+#: test_bench_pairs.py: fastbackend / slot-ceiling pairs of the throughput scenario (alternating
+#: which goes first; one run of either swings by ~20% on a shared 2-core machine, so only the
+#: median of several pairs' ratios says how far fastbackend is from the floor).
+THROUGHPUT_PAIRS = int(os.environ.get("FASTBACKEND_BENCH_THROUGHPUT_PAIRS", "0")) or (1 if SMOKE else 5)
 
 
 def scaled(default: float, smoke: float) -> float:

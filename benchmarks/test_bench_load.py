@@ -44,11 +44,16 @@ class Scenario:
         benchmark.extra_info["ran"] = info
 
     def figure(self, name: str, unit: str, value, higher_is_better: bool = False,
-               comparable: bool = True) -> None:
-        """A summary-table figure; ``comparable=False`` when stock ran at another size."""
+               comparable: bool = True, kind: str | None = None) -> None:
+        """A summary-table figure; ``comparable=False`` when stock ran at another size.
+
+        ``kind``: the column of another broker that ran in this test (a side-by-side test's
+        figure), whose key in extra_info is then prefixed with that kind.
+        """
         key = f"{name} ({unit})" if unit else name
-        self.benchmark.extra_info[key] = value
-        self.registry.record(self.name, name, unit, self.kind, value, higher_is_better, comparable,
+        kind = kind or self.kind
+        self.benchmark.extra_info[key if kind == self.kind else f"{kind}: {key}"] = value
+        self.registry.record(self.name, name, unit, kind, value, higher_is_better, comparable,
                              dialect=self.dialect)
 
     def extra(self, key: str, value) -> None:
@@ -88,15 +93,15 @@ def per_job_us(cpu: float, jobs: int) -> float | None:
 # Throughput
 # --------------------------------------------------------------------------------------
 
-def test_load_throughput(benchmark, broker_factory, registry, dialect, broker_kind):
-    """Zero-time jobs as fast as the broker takes them.
+def run_throughput(factory, kind: str, dialect: str, benchmark=None) -> dict:
+    """One run of the throughput scenario (test_load_throughput's shape) on a fresh broker.
 
-    4 agents x 8 slots, 4 environments (every agent offers all), 4 client sockets each
-    keeping 64 jobs unfinished, 1 KiB of input per job, for ``duration`` seconds.
+    With ``benchmark``, the measured operation is that benchmark's single timed round.
+    Returns the clients' answer, the broker's CPU seconds and microseconds per job done, and
+    the heartbeat client's and the agents' stats taken after it.
     """
     duration = scaled(3.0, 0.5)
-    sc = Scenario(benchmark, registry, "throughput", broker_kind, dialect, broker_factory)
-    with LoadSession(broker_factory, broker_kind, dialect) as s:
+    with LoadSession(factory, kind, dialect) as s:
         agents = s.agents(AGENTS, SLOTS, ENVIRONMENTS)
         clients = s.clients(CLIENT_SOCKETS)
         hb = s.heartbeat()
@@ -106,13 +111,29 @@ def test_load_throughput(benchmark, broker_factory, registry, dialect, broker_ki
         op = {"op": "jobs", "jobs": int(60_000 * duration), "environments": ENVIRONMENTS,
               "window": WINDOW, "input_size": INPUT_SIZE, "duration": duration,
               "timeout": duration + 60, "idle_timeout": 15}
-        answer, cpu = run_measured(benchmark, s, clients, op, duration + 90)
-        sc.figure("jobs/s", "", answer["jobs_per_s"], higher_is_better=True)
-        sc.figure("broker CPU per job", "us", per_job_us(cpu, answer["done"]))
-        sc.extra("jobs done", answer["done"])
-        sc.extra("broker CPU (s)", cpu)
-        sc.extra("closed-loop latency", answer["latency"])
-        sc.heartbeat(hb.ask("stats", 10), agents.ask("stats", 10))
+        if benchmark is None:
+            answer, cpu = s.measured(clients, op, duration + 90)
+        else:
+            answer, cpu = run_measured(benchmark, s, clients, op, duration + 90)
+        return {"answer": answer, "cpu": cpu, "us": per_job_us(cpu, answer["done"]),
+                "heartbeat": hb.ask("stats", 10), "agents": agents.ask("stats", 10)}
+
+
+def test_load_throughput(benchmark, broker_factory, registry, dialect, broker_kind):
+    """Zero-time jobs as fast as the broker takes them.
+
+    4 agents x 8 slots, 4 environments (every agent offers all), 4 client sockets each
+    keeping 64 jobs unfinished, 1 KiB of input per job, for 3 s (``scaled(3.0, 0.5)``).
+    """
+    sc = Scenario(benchmark, registry, "throughput", broker_kind, dialect, broker_factory)
+    run = run_throughput(broker_factory, broker_kind, dialect, benchmark)
+    answer, cpu = run["answer"], run["cpu"]
+    sc.figure("jobs/s", "", answer["jobs_per_s"], higher_is_better=True)
+    sc.figure("broker CPU per job", "us", run["us"])
+    sc.extra("jobs done", answer["done"])
+    sc.extra("broker CPU (s)", cpu)
+    sc.extra("closed-loop latency", answer["latency"])
+    sc.heartbeat(run["heartbeat"], run["agents"])
     assert answer["done"] > 0
     if broker_kind != "stock":
         assert answer["unfinished"] == 0 and answer["crashed"] == 0, answer
