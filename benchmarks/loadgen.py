@@ -514,10 +514,13 @@ class Clients:
         envs = op.get("environments") or [op.get("environment", BLOCKED_ENVIRONMENT)]
         heads = [self.template(env, op.get("input_size", 0), op.get("priority", 0)) for env in envs]
         sock = self.sockets[0]
+        job_id = b"\xd9\x24%04x-%031d"  # a 36-character str, as encoded
+        # What each job's frame weighs, for the memory scenario's "above the frame" figure.
+        frame_bytes = sum(len(head) + len(job_id % (0, 0)) + len(tail) for head, tail in heads) / len(heads)
         t0 = time.perf_counter()
         for seq in range(n):
             head, tail = heads[seq % len(heads)]
-            sock.send(head + b"\xd9\x24%04x-%031d" % (FLOOD_CLIENT, seq) + tail)
+            sock.send(head + job_id % (FLOOD_CLIENT, seq) + tail)
         sent_s = time.perf_counter() - t0
         sock.send(self.dialect.ping)
         deadline = time.monotonic() + op.get("timeout", 600)
@@ -536,7 +539,7 @@ class Clients:
                     elif frame.find(done_marker) >= 0:
                         results += 1
         return {"queued": n, "send_s": sent_s, "ingest_s": time.perf_counter() - t0, "ponged": ponged,
-                "results": results}
+                "results": results, "frame_bytes": frame_bytes}
 
     def drain(self, op: dict) -> dict:
         """Read (and count) results on every socket for ``seconds`` seconds, then answer."""
