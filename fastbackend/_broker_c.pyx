@@ -26,6 +26,7 @@ from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 from fastbackend._sched_c cimport JOB_RUNNING, Scheduler
 from fastbackend._wire_c cimport (
+    PLAN_ENTRIES,
     PLAN_NONE,
     NewJobPlan,
     Scan,
@@ -765,16 +766,17 @@ cdef class BrokerCore:
         """Send a job that waited: spliced from its record, by its plan."""
         cdef Scan scan
         cdef fb_zmq_msg_t out
+        cdef Py_ssize_t ends[PLAN_ENTRIES]
         cdef JobRecord* rec = self._record(job)
         cdef const char* frame = _rec_frame(rec)
         cdef Py_ssize_t size, written
         if rec.plan.n == PLAN_NONE:  # never so for the dialects' rules, but the scan would do
             scan_client_c(rec.dialect, frame, rec.frame_size, &scan)
             return self._send_new_job(job, agent, &scan, frame)
-        size = planned_new_job_size(frame, rec.frame_size, &rec.plan, rec.dialect, rec.owner_size)
+        size = planned_new_job_size(frame, rec.frame_size, &rec.plan, rec.dialect, rec.owner_size, ends)
         if _msg_init_out(&out, size) != 0:
             raise MemoryError()
-        written = write_planned_new_job(<char*>lz.msg_data(&out), frame, rec.frame_size, &rec.plan,
+        written = write_planned_new_job(<char*>lz.msg_data(&out), frame, rec.frame_size, &rec.plan, ends,
                                         rec.dialect, _rec_owner(rec), rec.owner_size)
         if FB_DEBUG:
             try:

@@ -35,7 +35,7 @@ cdef struct Scan:
 # What the new-job splice of a stored client_new_job frame needs (see plan_new_job):
 # where each entry the dialect's rule changes starts, in frame order, and what is done to
 # it.  Each span's end is read from the frame when it is spliced (a str or a fixed-size
-# scalar: a few instructions), so that a job keeps 16 bytes of plan, not 28.
+# scalar: a few instructions), so that a job keeps 16 bytes of plan, not 32.
 cdef enum:
     PLAN_ENTRIES = 3    # the type key, the 0.5 job id, the dropped ones: 3 in both dialects
     PLAN_TYPE = 0       # start: the value of the type key (a str)
@@ -69,10 +69,12 @@ cdef Py_ssize_t write_new_job(char* out, const char* buf, const Scan* s,
 # planned: scan again then), and the new-job splice of the scanned frame `buf` (`size`
 # bytes) from its plan alone.
 cdef int plan_new_job(const char* buf, const Scan* s, NewJobPlan* plan) noexcept
+# planned_new_job_size fills `ends` (PLAN_ENTRIES long) for write_planned_new_job.
 cdef Py_ssize_t planned_new_job_size(const char* buf, Py_ssize_t size, const NewJobPlan* plan, int dialect,
-                                     Py_ssize_t ident_len) noexcept
+                                     Py_ssize_t ident_len, Py_ssize_t* ends) noexcept
 cdef Py_ssize_t write_planned_new_job(char* out, const char* buf, Py_ssize_t size, const NewJobPlan* plan,
-                                      int dialect, const char* ident, Py_ssize_t ident_len) noexcept
+                                      const Py_ssize_t* ends, int dialect, const char* ident,
+                                      Py_ssize_t ident_len) noexcept
 # s.type is AGENT_JOB_DONE or AGENT_JOB_SSH_DEBUG (the rule follows from it);
 # agent_to_client_size returns -1 for any other type.
 cdef Py_ssize_t agent_to_client_size(const Scan* s) noexcept

@@ -160,6 +160,9 @@ cdef struct SpliceRule:
     uint32_t drop          # bit i: the entry of field index i is left out
     int ndrop
     int job_id             # JOB_ID_KEEP / JOB_ID_PAIR / JOB_ID_STR
+    # Every entry the rule changes holds a str or a fixed-size scalar in any frame the
+    # scan accepts (their kinds say so), so that a plan needs no ends (see plan_new_job).
+    bint plannable
 
 cdef struct DialectDef:
     const char* type_key
@@ -299,7 +302,7 @@ cdef int _build_side(Side* side, object dialect, dict messages, dict kinds) exce
     return 0
 
 
-cdef int _build_rule(SpliceRule* rule, dict messages, int code, object splice) except -1:
+cdef int _build_rule(SpliceRule* rule, dict messages, dict kinds, int code, object splice) except -1:
     fields = next(f for c, f in messages.values() if c == code)
     # Field 0 is the job id in every message that is spliced (the splicers rely on it).
     if fields[0] != "job_id":
@@ -311,6 +314,11 @@ cdef int _build_rule(SpliceRule* rule, dict messages, int code, object splice) e
         rule.drop |= (<uint32_t>1) << fields.index(name)
         rule.ndrop += 1
     rule.job_id = _JOB_ID_MODES[splice.job_id]
+    # The type key's value is a str (a type name the scan matched); the 0.5 job id pair
+    # wraps the job id's value as it is, and each dropped entry is skipped whole.
+    plain = ("str", "int", "uint")
+    rule.plannable = (all(kinds.get(name) in plain for name in splice.drop)
+                      and (rule.job_id != JOB_ID_PAIR or kinds.get("job_id") == "str"))
     return 0
 
 
@@ -321,9 +329,12 @@ def _index_or_none(tuple fields, str name):
 cdef int _build_dialect(DialectDef* dd, object dialect) except -1:
     dd.type_key = _keep(dialect.type_key, &dd.type_key_len)
     dd.job_started = _keep(dialect.job_started_type, &dd.job_started_len)
-    _build_rule(&dd.new_job, dialect.client_messages, CLIENT_NEW_JOB, dialect.new_job)
-    _build_rule(&dd.job_done, dialect.agent_messages, AGENT_JOB_DONE, dialect.job_done)
-    _build_rule(&dd.ssh_debug, dialect.agent_messages, AGENT_JOB_SSH_DEBUG, dialect.ssh_debug)
+    _build_rule(&dd.new_job, dialect.client_messages, CLIENT_FIELD_KINDS[dialect.tag], CLIENT_NEW_JOB,
+                dialect.new_job)
+    _build_rule(&dd.job_done, dialect.agent_messages, AGENT_FIELD_KINDS[dialect.tag], AGENT_JOB_DONE,
+                dialect.job_done)
+    _build_rule(&dd.ssh_debug, dialect.agent_messages, AGENT_FIELD_KINDS[dialect.tag], AGENT_JOB_SSH_DEBUG,
+                dialect.ssh_debug)
     fields = dialect.client_messages[dialect.client_type(CLIENT_NEW_JOB)][1]
     dd.nj_course_id = _index_or_none(fields, "course_id")
     dd.nj_task_id = _index_or_none(fields, "task_id")
@@ -1276,40 +1287,34 @@ cdef Py_ssize_t write_new_job(char* out, const char* buf, const Scan* s,
 # that frame again (the largest share of a waiting job's cost), the broker keeps a
 # NewJobPlan made from the arrival scan: where the entries the dialect's new-job rule
 # changes start (the type key's value, the 0.5 job id's value, the dropped entries' keys),
-# in frame order.  Where each ends is read from the frame again: every one is a str or a
-# fixed-size scalar, whose length its header gives (plan_new_job checks that this gives
-# the scan's end, or does not plan).  Every byte between them is copied as it is, as
-# _splice_write does.
+# in frame order.  Where each ends is read from the frame again, once per dispatch: each
+# is a str or a fixed-size scalar (the rule is ``plannable``: the field kinds guarantee
+# it), whose header gives its length.  Every byte between them is copied as it is, as
+# _splice_write does.  (The debug build checks every planned splice against a scanned one.)
 
 cdef inline Py_ssize_t _plain_end(const uchar* buf, Py_ssize_t pos) noexcept:
-    """The end of the str or fixed-size scalar at pos of a scanned frame; -1 for any other
-    value."""
+    """The end of the str or fixed-size scalar at pos of a scanned frame."""
     cdef uchar lead = buf[pos]
     if 0xA0 <= lead <= 0xBF:
         return pos + 1 + (lead & 0x1F)
-    if lead == 0xD9 or lead == 0xDA or lead == 0xDB:
-        return pos + 1 + LEAD_SIZE[lead - 0xC0] + <Py_ssize_t>_be(buf + pos + 1, LEAD_SIZE[lead - 0xC0])
-    if SCALAR_SIZE[lead] != 0:
-        return pos + SCALAR_SIZE[lead]
-    return -1
-
-
-cdef inline Py_ssize_t _plan_end(const uchar* buf, const NewJobPlan* plan, int i) noexcept:
-    """Where plan entry i's span ends: its value's end (a dropped entry: after key and value)."""
-    cdef Py_ssize_t end = _plain_end(buf, plan.start[i])
-    if plan.kind[i] == PLAN_DROP and end >= 0:
-        end = _plain_end(buf, end)
-    return end
+    if lead == 0xD9:
+        return pos + 2 + buf[pos + 1]
+    if lead == 0xDA:
+        return pos + 3 + <Py_ssize_t>_be(buf + pos + 1, 2)
+    if lead == 0xDB:
+        return pos + 5 + <Py_ssize_t>_be(buf + pos + 1, 4)
+    return pos + SCALAR_SIZE[lead]
 
 
 cdef int plan_new_job(const char* buf, const Scan* s, NewJobPlan* plan) noexcept:
     """Fill ``plan`` from a client_new_job scan of ``buf``; -1 (and plan.n = PLAN_NONE) if
-    it cannot be planned: an entry to change is not a str or fixed-size scalar, or the rule
-    changes more entries than a plan holds (neither is so for the dialects' rules and real
-    peers' frames; the caller then scans again at dispatch)."""
+    it cannot be planned: the rule is not plannable or changes more entries than a plan
+    holds (neither is so for the dialects' rules; the caller then scans again at dispatch)."""
     cdef const SpliceRule* rule = &_dialects[s.dialect].new_job
     cdef int i, field, n = 0, kind
     plan.n = PLAN_NONE
+    if not rule.plannable:
+        return -1
     for i in range(s.nfields):
         field = s.field[i]
         if field == TYPE_GID:
@@ -1322,12 +1327,10 @@ cdef int plan_new_job(const char* buf, const Scan* s, NewJobPlan* plan) noexcept
             kind = PLAN_DROP
         else:
             continue
-        if n == PLAN_ENTRIES or s.val_end[i] > 0xFFFFFFFF:
+        if n == PLAN_ENTRIES:
             return -1
         plan.kind[n] = <uint8_t>kind
         plan.start[n] = <uint32_t>(s.key_start[i] if kind == PLAN_DROP else s.val_start[i])
-        if _plan_end(<const uchar*>buf, plan, n) != s.val_end[i]:
-            return -1
         n += 1
     plan.n = <uint8_t>n
     return 0
@@ -1354,32 +1357,36 @@ cdef inline Py_ssize_t _out_fields(const char* buf, const SpliceRule* rule) noex
 
 
 cdef Py_ssize_t planned_new_job_size(const char* buf, Py_ssize_t size, const NewJobPlan* plan, int dialect,
-                                     Py_ssize_t ident_len) noexcept:
-    """Length of the frame write_planned_new_job makes (= new_job_size of the arrival scan)."""
+                                     Py_ssize_t ident_len, Py_ssize_t* ends) noexcept:
+    """Length of the frame write_planned_new_job makes (= new_job_size of the arrival scan);
+    fills ``ends`` (PLAN_ENTRIES long) for it."""
     cdef const SpliceRule* rule = &_dialects[dialect].new_job
+    cdef const uchar* b = <const uchar*>buf
     cdef Py_ssize_t out = _map_header_size(_out_fields(buf, rule)) + size - _entries_start(buf)
     cdef int i
     for i in range(plan.n):
+        ends[i] = _plain_end(b, plan.start[i])
         if plan.kind[i] == PLAN_TYPE:
-            out += (_str_header_size(rule.out_type_len) + rule.out_type_len
-                    - (_plan_end(<const uchar*>buf, plan, i) - plan.start[i]))
+            out += _str_header_size(rule.out_type_len) + rule.out_type_len - (ends[i] - plan.start[i])
         elif plan.kind[i] == PLAN_PAIR:
             out += 1 + _bin_header_size(ident_len) + ident_len
         else:
-            out -= _plan_end(<const uchar*>buf, plan, i) - plan.start[i]
+            ends[i] = _plain_end(b, ends[i])  # after the key, the value
+            out -= ends[i] - plan.start[i]
     return out
 
 
 cdef Py_ssize_t write_planned_new_job(char* out, const char* buf, Py_ssize_t size, const NewJobPlan* plan,
-                                      int dialect, const char* ident, Py_ssize_t ident_len) noexcept:
-    """Write backend_new_job from a stored client_new_job frame and its plan; the bytes are
-    those write_new_job writes from a scan of the same frame."""
+                                      const Py_ssize_t* ends, int dialect, const char* ident,
+                                      Py_ssize_t ident_len) noexcept:
+    """Write backend_new_job from a stored client_new_job frame, its plan and the ends
+    planned_new_job_size gave; the bytes are those write_new_job writes from a scan of the
+    same frame."""
     cdef const SpliceRule* rule = &_dialects[dialect].new_job
     cdef char* o = _put_map_header(out, _out_fields(buf, rule))
-    cdef Py_ssize_t run = _entries_start(buf), end
+    cdef Py_ssize_t run = _entries_start(buf)
     cdef int i
     for i in range(plan.n):
-        end = _plan_end(<const uchar*>buf, plan, i)
         if plan.kind[i] == PLAN_TYPE:
             o = _copy(o, buf, run, plan.start[i])  # the span and the type key
             o = _put_type_name(o, rule.out_type, rule.out_type_len)
@@ -1387,10 +1394,10 @@ cdef Py_ssize_t write_planned_new_job(char* out, const char* buf, Py_ssize_t siz
             o = _copy(o, buf, run, plan.start[i])
             o[0] = <char>0x92
             o = _put_bin(o + 1, ident, ident_len)
-            o = _copy(o, buf, plan.start[i], end)  # the client's job id, as encoded
+            o = _copy(o, buf, plan.start[i], ends[i])  # the client's job id, as encoded
         else:
             o = _copy(o, buf, run, plan.start[i])
-        run = end
+        run = ends[i]
     o = _copy(o, buf, run, size)
     return o - out
 
@@ -1597,14 +1604,15 @@ def splice_new_job_planned(bytes frame not None, bytes client_identity not None,
     frame and a NewJobPlan made from its scan (for the tests: it must give the same bytes)."""
     cdef Scan s
     cdef NewJobPlan plan
+    cdef Py_ssize_t ends[PLAN_ENTRIES]
     cdef const char* buf = PyBytes_AS_STRING(frame)
     cdef Py_ssize_t ident_len = _scan_to_splice(frame, client_identity, dialect, &s)
     cdef Py_ssize_t size, written
     if plan_new_job(buf, &s, &plan) != 0:
         raise AssertionError("this frame cannot be planned")
-    size = planned_new_job_size(buf, len(frame), &plan, s.dialect, ident_len)
+    size = planned_new_job_size(buf, len(frame), &plan, s.dialect, ident_len, ends)
     out = PyBytes_FromStringAndSize(NULL, size)
-    written = write_planned_new_job(PyBytes_AS_STRING(out), buf, len(frame), &plan, s.dialect,
+    written = write_planned_new_job(PyBytes_AS_STRING(out), buf, len(frame), &plan, ends, s.dialect,
                                     PyBytes_AS_STRING(client_identity), ident_len)
     _check_written(written, size)
     return out
