@@ -75,7 +75,13 @@ class Scenario:
 
 
 def run_measured(benchmark, session: LoadSession, peer, op: dict, timeout: float) -> tuple[dict, float]:
-    """Run ``op`` as the benchmark's single timed round; returns the answer and broker CPU s."""
+    """Run ``op`` as the benchmark's single timed round; returns the answer and broker CPU s.
+
+    With ``benchmark`` None, ``op`` runs untimed: a side-by-side test's runs other than its
+    timed one (pytest-benchmark allows one timed round per test).
+    """
+    if benchmark is None:
+        return session.measured(peer, op, timeout)
     out: dict = {}
 
     def measured() -> None:
@@ -111,10 +117,7 @@ def run_throughput(factory, kind: str, dialect: str, benchmark=None) -> dict:
         op = {"op": "jobs", "jobs": int(60_000 * duration), "environments": ENVIRONMENTS,
               "window": WINDOW, "input_size": INPUT_SIZE, "duration": duration,
               "timeout": duration + 60, "idle_timeout": 15}
-        if benchmark is None:
-            answer, cpu = s.measured(clients, op, duration + 90)
-        else:
-            answer, cpu = run_measured(benchmark, s, clients, op, duration + 90)
+        answer, cpu = run_measured(benchmark, s, clients, op, duration + 90)
         return {"answer": answer, "cpu": cpu, "us": per_job_us(cpu, answer["done"]),
                 "heartbeat": hb.ask("stats", 10), "agents": agents.ask("stats", 10)}
 
@@ -294,11 +297,15 @@ def test_load_memory(benchmark, broker_factory, registry, dialect, broker_kind):
 # Payload
 # --------------------------------------------------------------------------------------
 
-def test_load_payload(benchmark, broker_factory, registry, dialect, broker_kind):
-    """Results carrying a 1 MiB archive and 64 KiB of stdout: MiB/s and CPU per job."""
+def run_payload(factory, kind: str, dialect: str, benchmark=None) -> dict:
+    """One run of the payload scenario (test_load_payload's shape) on a fresh broker.
+
+    As :func:`run_throughput`: with ``benchmark``, the measured operation is that benchmark's
+    single timed round; returns the clients' answer, the broker's CPU seconds and
+    microseconds per job done, and the heartbeat client's and the agents' stats taken after it.
+    """
     jobs = int(scaled(400, 20))
-    sc = Scenario(benchmark, registry, "payload 1 MiB + 64 KiB", broker_kind, dialect, broker_factory)
-    with LoadSession(broker_factory, broker_kind, dialect) as s:
+    with LoadSession(factory, kind, dialect) as s:
         agents = s.agents(2, 4, ENVIRONMENTS, archive_size=MIB, stdout_size=64 * KIB)
         clients = s.clients(2)
         hb = s.heartbeat()
@@ -308,11 +315,20 @@ def test_load_payload(benchmark, broker_factory, registry, dialect, broker_kind)
         op = {"op": "jobs", "jobs": jobs, "environments": ENVIRONMENTS, "window": 4,
               "input_size": INPUT_SIZE, "timeout": 120, "idle_timeout": 20}
         answer, cpu = run_measured(benchmark, s, clients, op, 180)
-        mib_s = answer["received_bytes"] / MIB / answer["elapsed_s"] if answer["elapsed_s"] else 0.0
-        sc.figure("results", "MiB/s", mib_s, higher_is_better=True)
-        sc.figure("broker CPU per job", "us", per_job_us(cpu, answer["done"]))
-        sc.extra("jobs/s", answer["jobs_per_s"])
-        sc.heartbeat(hb.ask("stats", 10), agents.ask("stats", 10))
+        return {"answer": answer, "cpu": cpu, "us": per_job_us(cpu, answer["done"]),
+                "heartbeat": hb.ask("stats", 10), "agents": agents.ask("stats", 10)}
+
+
+def test_load_payload(benchmark, broker_factory, registry, dialect, broker_kind):
+    """Results carrying a 1 MiB archive and 64 KiB of stdout: MiB/s and CPU per job."""
+    sc = Scenario(benchmark, registry, "payload 1 MiB + 64 KiB", broker_kind, dialect, broker_factory)
+    run = run_payload(broker_factory, broker_kind, dialect, benchmark)
+    answer = run["answer"]
+    mib_s = answer["received_bytes"] / MIB / answer["elapsed_s"] if answer["elapsed_s"] else 0.0
+    sc.figure("results", "MiB/s", mib_s, higher_is_better=True)
+    sc.figure("broker CPU per job", "us", run["us"])
+    sc.extra("jobs/s", answer["jobs_per_s"])
+    sc.heartbeat(run["heartbeat"], run["agents"])
     if broker_kind != "stock":
         assert answer["unfinished"] == 0, answer
 
