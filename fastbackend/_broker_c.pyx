@@ -37,6 +37,7 @@ from fastbackend._wire_c cimport (
     new_job_size,
     plan_new_job,
     planned_new_job_size,
+    same_bytes,
     scan_agent_c,
     scan_client_c,
     write_agent_to_client,
@@ -185,9 +186,9 @@ cdef bint _job_key_is(void* owner, uint32_t job, const char* key, Py_ssize_t siz
     cdef Py_ssize_t ident_len = 0 if rec.dialect == V09 else rec.owner_size
     if size != 1 + ident_len + <Py_ssize_t>rec.job_id_len or <uint8_t>key[0] != ident_len:
         return False
-    if ident_len and memcmp(key + 1, _rec_owner(rec), ident_len) != 0:
+    if ident_len and not same_bytes(key + 1, _rec_owner(rec), ident_len):
         return False
-    return memcmp(key + 1 + ident_len, _rec_frame(rec) + rec.job_id_start, rec.job_id_len) == 0
+    return same_bytes(key + 1 + ident_len, _rec_frame(rec) + rec.job_id_start, rec.job_id_len)
 
 
 cdef inline size_t _rec_size(JobRecord* rec) noexcept:
@@ -569,25 +570,30 @@ cdef class BrokerCore:
         """_drain's loop; ``held`` holds the message being handled (its frames are closed
         by the caller if this raises) and what is left of the budget."""
         cdef fb_zmq_msg_t extra
-        cdef int frames, err
+        cdef int frames, err, received
         cdef bint more
         cdef const char* data = NULL
-        cdef Py_ssize_t size = 0
+        cdef Py_ssize_t size = 0, ident_size
         while held.budget > 0:
             held.budget -= 1
             lz.msg_init(&held.ident)
-            if _msg_recv(&held.ident, handle) < 0:
+            received = _msg_recv(&held.ident, handle)
+            if received < 0:
                 err = lz.last_errno()
                 lz.msg_close(&held.ident)
                 if err == EAGAIN:
                     held.budget = 0
                     return 0
                 raise pyzmq.ZMQError(err)
+            # Each frame's size is what zmq_msg_recv returned (it clamps at INT_MAX, far
+            # above the largest frame the sockets take; see _msg_size_of).
+            ident_size = _msg_size_of(&held.ident, received)
             # A ROUTER hands over whole messages: the rest is already here.
             lz.msg_init(&held.body)
             held.held = True
             frames = 0
-            if lz.msg_more(&held.ident) and _msg_recv(&held.body, handle) >= 0:
+            received = _msg_recv(&held.body, handle) if lz.msg_more(&held.ident) else -1
+            if received >= 0:
                 frames = 1
                 more = lz.msg_more(&held.body)
                 while more:  # frames a real peer never sends: counted, then dropped
@@ -602,15 +608,15 @@ cdef class BrokerCore:
                 # more (see _broker_py.BYTES_PER_MESSAGE); the extra frames of a malformed
                 # message are not counted.
                 data = <const char*>lz.msg_data(&held.body)
-                size = lz.msg_size(&held.body)
+                size = _msg_size_of(&held.body, received)
                 held.budget -= <int>(size // FRAME_WEIGHT)
             if frames != 1:
                 self.dropped("agent" if from_agents else "client", self._ident(&held.ident),
                              f"{frames} frames in one message, expected 1", "multipart")
             elif from_agents:
-                self._on_agent(<const char*>lz.msg_data(&held.ident), lz.msg_size(&held.ident), data, size)
+                self._on_agent(<const char*>lz.msg_data(&held.ident), ident_size, data, size)
             else:
-                self._on_client(<const char*>lz.msg_data(&held.ident), lz.msg_size(&held.ident), data, size)
+                self._on_client(<const char*>lz.msg_data(&held.ident), ident_size, data, size)
             held.held = False
             lz.msg_close(&held.body)
             lz.msg_close(&held.ident)

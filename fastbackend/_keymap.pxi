@@ -18,7 +18,7 @@
 cimport cython
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcpy
 
 cdef extern from *:
     """
@@ -210,7 +210,7 @@ cdef inline StoredKey* _stored_key(const char* key, Py_ssize_t size) noexcept:
 cdef bint _bytemap_key_is(void* owner, uint32_t entry, const char* key, Py_ssize_t size) noexcept:
     # owner: the address of a ByteMap's stored array (a plain pointer: no reference counting)
     cdef StoredKey* stored = (<StoredKey***>owner)[0][entry]
-    return stored.size == size and memcmp(stored.data, key, size) == 0
+    return stored.size == size and same_bytes(stored.data, key, size)
 
 
 _MISSING = object()

@@ -13,6 +13,7 @@
 # the import fail loudly and the broker use the pure-Python core.
 
 from libc.errno cimport EAGAIN, EHOSTUNREACH, EINTR
+from libc.limits cimport INT_MAX
 
 cdef extern from "<dlfcn.h>" nogil:
     void* dlopen(const char* filename, int flags)
@@ -128,6 +129,14 @@ cdef inline int _msg_recv(fb_zmq_msg_t* msg, void* socket) noexcept nogil:
         tries -= 1
         rc = lz.msg_recv(msg, socket, ZMQ_DONTWAIT)
     return rc
+
+
+cdef inline Py_ssize_t _msg_size_of(fb_zmq_msg_t* msg, int received) noexcept nogil:
+    """The size of a message ``_msg_recv`` just returned ``received`` (>= 0) for: that value,
+    unless zmq_msg_recv clamped it (a message of INT_MAX bytes or more), saving a call."""
+    if received < INT_MAX:
+        return received
+    return <Py_ssize_t>lz.msg_size(msg)
 
 
 cdef inline int _msg_send(fb_zmq_msg_t* msg, void* socket) noexcept nogil:

@@ -8,7 +8,62 @@
 # check it (IndexError for a tag that names no dialect); the noexcept functions below
 # take it from a successful scan (s.dialect) or trust the caller to pass a valid one.
 
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+
+
+cdef inline bint same_bytes(const void* a, const void* b, Py_ssize_t n) noexcept nogil:
+    """a[:n] == b[:n] in fixed-size loads instead of a call to memcmp (keys, job ids and
+    identities are short: the call costs more than the compare).
+
+    Two overlapping words cover every length from 4 to 16 (the first and the last word),
+    four every length from 17 to 32 (the first two and the last two); longer ones are
+    compared a word at a time, the last word overlapping.  All reads stay inside a[:n]
+    and b[:n].
+    """
+    cdef const unsigned char* p = <const unsigned char*>a
+    cdef const unsigned char* q = <const unsigned char*>b
+    cdef uint64_t x, y, x2, y2, x3, y3, x4, y4
+    cdef uint32_t u, v, u2, v2
+    cdef Py_ssize_t i
+    if n > 32:
+        i = 0
+        while i < n - 8:
+            memcpy(&x, p + i, 8)
+            memcpy(&y, q + i, 8)
+            if x != y:
+                return False
+            i += 8
+        memcpy(&x, p + n - 8, 8)
+        memcpy(&y, q + n - 8, 8)
+        return x == y
+    if n > 16:
+        memcpy(&x, p, 8)
+        memcpy(&y, q, 8)
+        memcpy(&x2, p + 8, 8)
+        memcpy(&y2, q + 8, 8)
+        memcpy(&x3, p + n - 16, 8)
+        memcpy(&y3, q + n - 16, 8)
+        memcpy(&x4, p + n - 8, 8)
+        memcpy(&y4, q + n - 8, 8)
+        return ((x ^ y) | (x2 ^ y2) | (x3 ^ y3) | (x4 ^ y4)) == 0
+    if n >= 8:
+        memcpy(&x, p, 8)
+        memcpy(&y, q, 8)
+        memcpy(&x2, p + n - 8, 8)
+        memcpy(&y2, q + n - 8, 8)
+        return ((x ^ y) | (x2 ^ y2)) == 0
+    if n >= 4:
+        memcpy(&u, p, 4)
+        memcpy(&v, q, 4)
+        memcpy(&u2, p + n - 4, 4)
+        memcpy(&v2, q + n - 4, 4)
+        return ((u ^ v) | (u2 ^ v2)) == 0
+    for i in range(n):
+        if p[i] != q[i]:
+            return False
+    return True
+
 
 cdef enum:
     MAX_FIELDS = 16     # most top-level entries a frame may have

@@ -393,6 +393,13 @@ for _lead in range(256):
 del _lead
 
 
+def _same_bytes(bytes a not None, bytes b not None) -> bool:
+    """same_bytes over two equally long byte strings (for the tests: it must be ``a == b``)."""
+    if len(a) != len(b):
+        raise ValueError("same_bytes compares equal lengths")
+    return same_bytes(<const char*>a, <const char*>b, len(a))
+
+
 # -- failures (out of line: the scanning loops only carry a call and a return) -------
 
 def _show(bytes raw):
@@ -812,48 +819,6 @@ cdef Py_ssize_t _job_pair(const uchar* buf, Py_ssize_t pos, Py_ssize_t n, Scan* 
     return start + length
 
 
-cdef inline bint _same(const uchar* a, const char* b, Py_ssize_t n) noexcept:
-    """a[:n] == b[:n], for short keys: a few fixed-size loads instead of a call to memcmp.
-
-    Two overlapping words cover every length from 4 to 16 (the first and the last
-    word), four every length from 17 to 32 (the first two and the last two); all reads
-    stay inside a[:n] and b[:n].
-    """
-    cdef uint64_t x, y, x2, y2, x3, y3, x4, y4
-    cdef uint32_t u, v, u2, v2
-    cdef Py_ssize_t i
-    if n > 32:
-        return memcmp(a, b, n) == 0
-    if n > 16:
-        memcpy(&x, a, 8)
-        memcpy(&y, b, 8)
-        memcpy(&x2, a + 8, 8)
-        memcpy(&y2, b + 8, 8)
-        memcpy(&x3, a + n - 16, 8)
-        memcpy(&y3, b + n - 16, 8)
-        memcpy(&x4, a + n - 8, 8)
-        memcpy(&y4, b + n - 8, 8)
-        return ((x ^ y) | (x2 ^ y2) | (x3 ^ y3) | (x4 ^ y4)) == 0
-    if n >= 8:
-        memcpy(&x, a, 8)
-        memcpy(&y, b, 8)
-        memcpy(&x2, a + n - 8, 8)
-        memcpy(&y2, b + n - 8, 8)
-        return ((x ^ y) | (x2 ^ y2)) == 0
-    if n >= 4:
-        memcpy(&u, a, 4)
-        memcpy(&v, b, 4)
-        memcpy(&u2, a + n - 4, 4)
-        memcpy(&v2, b + n - 4, 4)
-        return ((u ^ v) | (u2 ^ v2)) == 0
-    for i in range(n):
-        if a[i] != <uchar>b[i]:
-            return False
-    return True
-
-
-
-
 cdef inline bint _key_at(const KeyEnc* k, const uchar* p, Py_ssize_t left) noexcept:
     """The encoded key k is at p (`left` bytes from p to the frame's end): two masked
     words when 16 bytes are left and the key fits them, else _same; reads stay in p[:left]."""
@@ -862,7 +827,7 @@ cdef inline bint _key_at(const KeyEnc* k, const uchar* p, Py_ssize_t left) noexc
         memcpy(&w0, p, 8)
         memcpy(&w1, p + 8, 8)
         return (((w0 ^ k.word[0]) & k.care[0]) | ((w1 ^ k.word[1]) & k.care[1])) == 0
-    return k.len <= left and _same(p, k.enc, k.len)
+    return k.len <= left and same_bytes(p, k.enc, k.len)
 
 
 cdef inline int64_t _priority_value(const uchar* buf, Py_ssize_t pos) noexcept:
@@ -896,14 +861,14 @@ cdef inline int _lookup_field(const Side* side, const uchar* key, Py_ssize_t len
     """
     cdef int gid
     if (0 <= guess < side.nfields and side.fields[guess].len == length
-            and _same(key, side.fields[guess].name, length)):
+            and same_bytes(key, side.fields[guess].name, length)):
         return guess
     # The type key next: it is the key that breaks the declaration order (the real
     # peers write it last, some encoders first).
-    if length == side.type_key_len and _same(key, side.type_key, length):
+    if length == side.type_key_len and same_bytes(key, side.type_key, length):
         return TYPE_GID
     for gid in range(side.nfields):
-        if side.fields[gid].len == length and _same(key, side.fields[gid].name, length):
+        if side.fields[gid].len == length and same_bytes(key, side.fields[gid].name, length):
             return gid
     return UNKNOWN_GID
 
@@ -911,7 +876,7 @@ cdef inline int _lookup_field(const Side* side, const uchar* key, Py_ssize_t len
 cdef inline const TypeDef* _lookup_type(const Side* side, const uchar* name, Py_ssize_t length) noexcept:
     cdef int t
     for t in range(side.ntypes):
-        if side.types[t].len == length and _same(name, side.types[t].name, length):
+        if side.types[t].len == length and same_bytes(name, side.types[t].name, length):
             return &side.types[t]
     return NULL
 

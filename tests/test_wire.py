@@ -1315,3 +1315,18 @@ def test_utf8_is_checked_wherever_a_long_ascii_run_breaks(before: int, middle: b
         for frame in (top_level, nested):
             result = outcome(impl.scan_client, frame, V05)
             assert (result[0] == "ok") == valid, (impl, raw, result)
+
+
+@pytest.mark.skipif(NO_EXTENSIONS, reason="same_bytes is the compiled scanner's")
+@SETTINGS
+@given(st.binary(max_size=80), st.integers(0, 79), st.integers(1, 255))
+def test_same_bytes_is_equality_at_every_length_and_offset(data: bytes, at: int, flip: int) -> None:
+    """The compiled modules compare keys, job ids and identities with same_bytes (fixed-size
+    loads, overlapping words, a word loop past 32 bytes) instead of memcmp: equal bytes are
+    equal, and one flipped byte anywhere is seen, at every length."""
+    same = IMPLS["c"]._same_bytes
+    assert same(data, bytes(data))
+    if data:
+        i = at % len(data)
+        other = data[:i] + bytes((data[i] ^ flip,)) + data[i + 1:]
+        assert not same(data, other) and not same(other, data)
