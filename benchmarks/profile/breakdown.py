@@ -3,7 +3,7 @@
 
     python benchmarks/profile/breakdown.py [--tools callgrind,strace] [--jobs N] [--warmup N]
         [--kinds fastbackend,ceiling,slot-ceiling] [--dialects 0.5,0.9] [--window W | --rate R]
-        [--out DIR]
+        [--archive-size BYTES] [--stdout-size BYTES] [--out DIR]
 
 For every broker and dialect it starts the broker on 127.0.0.1 exactly as the benchmarks do
 (``brokers.BrokerFactory.command``: the same fastbackend, the same C ceilings), attaches the
@@ -20,6 +20,12 @@ sockets, 1 KiB of input per job) and runs ``--warmup`` jobs, then ``--jobs`` mea
 * strace: the broker runs natively; after the warm-up ``strace -f -ff -qq`` is attached to
   each of its threads and detached (SIGINT to strace's PID) after the measured jobs; each
   thread's syscalls are counted by name and divided by the jobs.
+
+Under either tool the broker's minor page faults per job are counted too (``/proc/PID/stat``,
+all threads; natively under strace, valgrind's own under callgrind).  ``--archive-size`` and
+``--stdout-size`` give each result an archive and a stdout of that many bytes (the payload
+scenario is ``--archive-size 1048576 --stdout-size 65536``): what a broker spends per
+large result, instruction by instruction, beside the C forwarder that relays it unchanged.
 
 Closed loop by default (``--window`` jobs unfinished per client socket, the throughput
 scenario's shape).  A tool slows the broker down (callgrind ~50x), so more messages wait per
@@ -200,6 +206,7 @@ def run_one(factory: BrokerFactory, kind: str, dialect: str, tool: str, args, ou
         wait_listening(agent_port, broker, 30)
         agents = Peer("agents", {"addr": agent_addr, "dialect": dialect, "agents": AGENTS, "slots": SLOTS,
                                  "environments": ENVIRONMENTS, "envelope": kind == "ceiling",
+                                 "archive_size": args.archive_size, "stdout_size": args.stdout_size,
                                  "max_seconds": 1800}, ready_timeout=120)
         clients = Peer("clients", {"addr": client_addr, "dialect": dialect, "clients": CLIENT_SOCKETS,
                                    "max_seconds": 1800}, ready_timeout=120)
@@ -232,9 +239,10 @@ def run_one(factory: BrokerFactory, kind: str, dialect: str, tool: str, args, ou
             strace = subprocess.Popen(["strace", "-f", "-ff", "-qq", "-o", str(prefix)] + targets,
                                       stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.5)  # attached (its start-up is not counted: nothing happens meanwhile)
-        cpu0 = cpu_seconds(broker.pid)
+        cpu0, faults0 = cpu_seconds(broker.pid), minor_faults(broker.pid)
         answer = jobs(args.jobs)
         result["cpu_us_per_job"] = (cpu_seconds(broker.pid) - cpu0) / answer["done"] * 1e6
+        result["faults_per_job"] = (minor_faults(broker.pid) - faults0) / answer["done"]
         result["jobs"] = done = answer["done"]
         result["jobs_per_s"] = answer["jobs_per_s"]
         if tool == "callgrind":
@@ -263,6 +271,12 @@ def run_one(factory: BrokerFactory, kind: str, dialect: str, tool: str, args, ou
         end(broker, signal.SIGTERM)
         log.close()
     return result
+
+
+def minor_faults(pid: int) -> int:
+    """Minor page faults so far, every thread of process ``pid`` (/proc/PID/stat field 10)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
 
 
 def _by_component(costs: collections.Counter) -> collections.Counter:
@@ -324,10 +338,11 @@ def report(results: list[dict]) -> list[str]:
                 name = r["threads"].get(tid, str(tid))
                 body.append([r["kind"], r["dialect"], name, fmt(total), top])
         lines += md(header, body) + [""]
-    lines += ["Runs (jobs measured, jobs/s and broker CPU per job under the tool):", ""]
+    lines += ["Runs (jobs measured, jobs/s, broker CPU and minor page faults per job under the tool):", ""]
     for r in results:
         lines.append(f"* {r['kind']} {r['dialect']} under {r['tool']}: {r['jobs']} jobs, "
-                     f"{r['jobs_per_s']:,.0f} jobs/s, {r['cpu_us_per_job']:.1f} us CPU/job")
+                     f"{r['jobs_per_s']:,.0f} jobs/s, {r['cpu_us_per_job']:.1f} us CPU/job, "
+                     f"{r['faults_per_job']:.1f} minor faults/job")
     return lines
 
 
@@ -345,6 +360,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1_000)
     p.add_argument("--window", type=int, default=64, help="closed loop: unfinished jobs per client socket")
     p.add_argument("--rate", type=float, default=0.0, help="open loop at this many jobs/s instead")
+    p.add_argument("--archive-size", type=int, default=0, help="bytes of archive in each result")
+    p.add_argument("--stdout-size", type=int, default=0, help="bytes of stdout in each result")
     p.add_argument("--top", type=int, default=8, help="list the main thread's N costliest functions")
     p.add_argument("--out", default="", help="folder for dumps and logs (default: a new temporary one)")
     p.add_argument("--summary", default="", help="also write the tables (markdown) here")
