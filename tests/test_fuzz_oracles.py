@@ -63,3 +63,21 @@ def test_process_oracle_lets_an_adversary_be_answered_in_a_dialect_it_spoke():
     assert (message, dialect) == ({"@type": "Unknown"}, V09)
     with pytest.raises(fuzz_process.Finding, match="loader refuses"):
         fuzz_process.received(b"good-client-05", V05, unknown09, {V05})
+
+
+@pytest.mark.parametrize("dialect", [V05, V09])
+def test_wire_oracle_checks_the_planned_splice(dialect):
+    """The wire harnesses compare the planned new-job splice with the scanned one: equal bytes
+    pass, a splice that differs by one byte is a finding."""
+    from fuzz.wire_common import IDENT, check_planned, seeds
+
+    from fastbackend import wire
+
+    if wire.IMPL != "c":
+        pytest.skip("the planned splice is the compiled module's")
+    compiled = wire._impl
+    frame = seeds()[0 if dialect == V05 else 2]  # the seed client new-job frames
+    spliced = compiled.splice_new_job(frame, IDENT, dialect)
+    check_planned(compiled, frame, spliced, dialect)
+    with pytest.raises(AssertionError, match="planned new-job splice differs"):
+        check_planned(compiled, frame, spliced[:-1] + bytes((spliced[-1] ^ 1,)), dialect)

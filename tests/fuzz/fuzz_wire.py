@@ -27,7 +27,7 @@ with atheris.instrument_imports(include=["fastbackend"]):
     from fastbackend import _wire_py, protocol  # noqa: E402
 
 from fastbackend import _wire_c  # noqa: E402
-from fuzz.wire_common import CALLS, DIALECTS, check_receivers, outcome, seeds  # noqa: E402
+from fuzz.wire_common import CALLS, DIALECTS, check_planned, check_receivers, outcome, seeds  # noqa: E402
 
 
 def check(frame: bytes) -> None:
@@ -40,6 +40,8 @@ def check(frame: bytes) -> None:
             if py[0] != "ok":
                 continue
             check_receivers(_wire_py, name, py[1], dialect)
+            if name == "splice_new_job":
+                check_planned(_wire_c, frame, c[1], dialect)
             if name in ("scan_client", "scan_agent"):
                 job_id = py[1][2] if name == "scan_agent" else py[1][1]
                 if job_id is not None:

@@ -51,7 +51,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
 
-from fuzz.wire_common import CALLS, DIALECTS, check_receivers, outcome, seeds  # noqa: E402
+from fuzz.wire_common import CALLS, DIALECTS, check_planned, check_receivers, outcome, seeds  # noqa: E402
 
 #: Set in the child: the instrumented module to load ("" in the fallback mode).
 CHILD_ENV = "FASTBACKEND_FUZZ_NATIVE_MODULE"
@@ -147,6 +147,8 @@ def check_compiled(wire: ModuleType, frame: bytes) -> None:
             result = outcome(call, wire, frame, dialect)
             if result[0] == "ok":
                 check_receivers(wire, name, result[1], dialect)
+                if name == "splice_new_job":
+                    check_planned(wire, frame, result[1], dialect)
 
 
 def child(module_path: str) -> None:

@@ -39,6 +39,16 @@ SPLICES = {"splice_new_job", "splice_job_done", "splice_ssh_debug"}
 
 
 
+def check_planned(wire: Any, frame: bytes, spliced: bytes, dialect: int) -> None:
+    """The compiled broker splices a job that waited from the arrival scan's plan (span
+    starts only; each end read from the frame again): for every frame the compiled
+    ``splice_new_job`` accepts (``spliced``), the planned splice must give the same bytes."""
+    planned = wire.splice_new_job_planned(frame, IDENT, dialect)
+    if planned != spliced:
+        raise AssertionError(f"planned new-job splice differs (dialect {dialect}): "
+                             f"{planned!r} != {spliced!r}")
+
+
 def check_receivers(wire: Any, name: str, value: Any, dialect: int) -> None:
     """What a peer receives from a call that succeeded must load with its own loader and
     have its exact key set: the spliced frame, and backend_job_started for the job id a
