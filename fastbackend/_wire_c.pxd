@@ -12,6 +12,22 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 
+cdef inline uint64_t _xor8(const unsigned char* p, const unsigned char* q, Py_ssize_t at) noexcept nogil:
+    """The 8 bytes at p + at XOR those at q + at: 0 when they are equal."""
+    cdef uint64_t x, y
+    memcpy(&x, p + at, 8)
+    memcpy(&y, q + at, 8)
+    return x ^ y
+
+
+cdef inline uint32_t _xor4(const unsigned char* p, const unsigned char* q, Py_ssize_t at) noexcept nogil:
+    """The 4 bytes at p + at XOR those at q + at: 0 when they are equal."""
+    cdef uint32_t x, y
+    memcpy(&x, p + at, 4)
+    memcpy(&y, q + at, 4)
+    return x ^ y
+
+
 cdef inline bint same_bytes(const void* a, const void* b, Py_ssize_t n) noexcept nogil:
     """a[:n] == b[:n] in fixed-size loads instead of a call to memcmp (keys, job ids and
     identities are short: the call costs more than the compare).
@@ -23,42 +39,20 @@ cdef inline bint same_bytes(const void* a, const void* b, Py_ssize_t n) noexcept
     """
     cdef const unsigned char* p = <const unsigned char*>a
     cdef const unsigned char* q = <const unsigned char*>b
-    cdef uint64_t x, y, x2, y2, x3, y3, x4, y4
-    cdef uint32_t u, v, u2, v2
     cdef Py_ssize_t i
     if n > 32:
         i = 0
         while i < n - 8:
-            memcpy(&x, p + i, 8)
-            memcpy(&y, q + i, 8)
-            if x != y:
+            if _xor8(p, q, i):
                 return False
             i += 8
-        memcpy(&x, p + n - 8, 8)
-        memcpy(&y, q + n - 8, 8)
-        return x == y
+        return _xor8(p, q, n - 8) == 0
     if n > 16:
-        memcpy(&x, p, 8)
-        memcpy(&y, q, 8)
-        memcpy(&x2, p + 8, 8)
-        memcpy(&y2, q + 8, 8)
-        memcpy(&x3, p + n - 16, 8)
-        memcpy(&y3, q + n - 16, 8)
-        memcpy(&x4, p + n - 8, 8)
-        memcpy(&y4, q + n - 8, 8)
-        return ((x ^ y) | (x2 ^ y2) | (x3 ^ y3) | (x4 ^ y4)) == 0
+        return (_xor8(p, q, 0) | _xor8(p, q, 8) | _xor8(p, q, n - 16) | _xor8(p, q, n - 8)) == 0
     if n >= 8:
-        memcpy(&x, p, 8)
-        memcpy(&y, q, 8)
-        memcpy(&x2, p + n - 8, 8)
-        memcpy(&y2, q + n - 8, 8)
-        return ((x ^ y) | (x2 ^ y2)) == 0
+        return (_xor8(p, q, 0) | _xor8(p, q, n - 8)) == 0
     if n >= 4:
-        memcpy(&u, p, 4)
-        memcpy(&v, q, 4)
-        memcpy(&u2, p + n - 4, 4)
-        memcpy(&v2, q + n - 4, 4)
-        return ((u ^ v) | (u2 ^ v2)) == 0
+        return (_xor4(p, q, 0) | _xor4(p, q, n - 4)) == 0
     for i in range(n):
         if p[i] != q[i]:
             return False

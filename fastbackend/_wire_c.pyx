@@ -1262,12 +1262,8 @@ cdef inline Py_ssize_t _plain_end(const uchar* buf, Py_ssize_t pos) noexcept:
     cdef uchar lead = buf[pos]
     if 0xA0 <= lead <= 0xBF:
         return pos + 1 + (lead & 0x1F)
-    if lead == 0xD9:
-        return pos + 2 + buf[pos + 1]
-    if lead == 0xDA:
-        return pos + 3 + <Py_ssize_t>_be(buf + pos + 1, 2)
-    if lead == 0xDB:
-        return pos + 5 + <Py_ssize_t>_be(buf + pos + 1, 4)
+    if 0xD9 <= lead <= 0xDB:  # str8/16/32: the length's size, then the length
+        return pos + 1 + LEAD_SIZE[lead - 0xC0] + <Py_ssize_t>_be(buf + pos + 1, LEAD_SIZE[lead - 0xC0])
     return pos + SCALAR_SIZE[lead]
 
 
@@ -1301,24 +1297,18 @@ cdef int plan_new_job(const char* buf, const Scan* s, NewJobPlan* plan) noexcept
     return 0
 
 
-cdef inline Py_ssize_t _entries_start(const char* buf) noexcept:
-    """Where the first entry of a (scanned, so well-formed) map starts: after its header."""
+cdef inline Py_ssize_t _stored_map(const char* buf, Py_ssize_t* entries) noexcept:
+    """The entry count of a scanned (so well-formed) frame's map, from its header; where
+    its first entry starts, after the header, in ``entries``."""
     cdef uchar lead = <uchar>buf[0]
-    return 3 if lead == 0xDE else 5 if lead == 0xDF else 1
-
-
-cdef inline Py_ssize_t _out_fields(const char* buf, const SpliceRule* rule) noexcept:
-    """The entries of the spliced map: the scanned map's (its header's count) less those the
-    rule drops (every one is in a scanned frame, as _splice_size counts)."""
-    cdef uchar lead = <uchar>buf[0]
-    cdef Py_ssize_t count
     if lead == 0xDE:
-        count = <Py_ssize_t>_be(<const uchar*>buf + 1, 2)
-    elif lead == 0xDF:
-        count = <Py_ssize_t>_be(<const uchar*>buf + 1, 4)
-    else:
-        count = lead & 0x0F
-    return count - rule.ndrop
+        entries[0] = 3
+        return <Py_ssize_t>_be(<const uchar*>buf + 1, 2)
+    if lead == 0xDF:
+        entries[0] = 5
+        return <Py_ssize_t>_be(<const uchar*>buf + 1, 4)
+    entries[0] = 1
+    return lead & 0x0F
 
 
 cdef Py_ssize_t planned_new_job_size(const char* buf, Py_ssize_t size, const NewJobPlan* plan, int dialect,
@@ -1327,7 +1317,9 @@ cdef Py_ssize_t planned_new_job_size(const char* buf, Py_ssize_t size, const New
     fills ``ends`` (PLAN_ENTRIES long) for it."""
     cdef const SpliceRule* rule = &_dialects[dialect].new_job
     cdef const uchar* b = <const uchar*>buf
-    cdef Py_ssize_t out = _map_header_size(_out_fields(buf, rule)) + size - _entries_start(buf)
+    cdef Py_ssize_t entries
+    # Every entry the rule drops is in a scanned frame (as _splice_size counts).
+    cdef Py_ssize_t out = _map_header_size(_stored_map(buf, &entries) - rule.ndrop) + size - entries
     cdef int i
     for i in range(plan.n):
         ends[i] = _plain_end(b, plan.start[i])
@@ -1348,8 +1340,8 @@ cdef Py_ssize_t write_planned_new_job(char* out, const char* buf, Py_ssize_t siz
     planned_new_job_size gave; the bytes are those write_new_job writes from a scan of the
     same frame."""
     cdef const SpliceRule* rule = &_dialects[dialect].new_job
-    cdef char* o = _put_map_header(out, _out_fields(buf, rule))
-    cdef Py_ssize_t run = _entries_start(buf)
+    cdef Py_ssize_t run
+    cdef char* o = _put_map_header(out, _stored_map(buf, &run) - rule.ndrop)
     cdef int i
     for i in range(plan.n):
         if plan.kind[i] == PLAN_TYPE:
