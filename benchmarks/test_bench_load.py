@@ -95,6 +95,14 @@ def per_job_us(cpu: float, jobs: int) -> float | None:
     return cpu / jobs * 1e6 if jobs else None
 
 
+def run_outcome(answer: dict, cpu: float, hb, agents) -> dict:
+    """What one scenario run (run_throughput, run_payload) returns: the clients' answer, the
+    broker's CPU seconds and microseconds per job done, and the heartbeat client's and the
+    agents' stats, asked for after the measured operation."""
+    return {"answer": answer, "cpu": cpu, "us": per_job_us(cpu, answer["done"]),
+            "heartbeat": hb.ask("stats", 10), "agents": agents.ask("stats", 10)}
+
+
 # --------------------------------------------------------------------------------------
 # Throughput
 # --------------------------------------------------------------------------------------
@@ -118,8 +126,7 @@ def run_throughput(factory, kind: str, dialect: str, benchmark=None) -> dict:
               "window": WINDOW, "input_size": INPUT_SIZE, "duration": duration,
               "timeout": duration + 60, "idle_timeout": 15}
         answer, cpu = run_measured(benchmark, s, clients, op, duration + 90)
-        return {"answer": answer, "cpu": cpu, "us": per_job_us(cpu, answer["done"]),
-                "heartbeat": hb.ask("stats", 10), "agents": agents.ask("stats", 10)}
+        return run_outcome(answer, cpu, hb, agents)
 
 
 def test_load_throughput(benchmark, broker_factory, registry, dialect, broker_kind):
@@ -315,8 +322,7 @@ def run_payload(factory, kind: str, dialect: str, benchmark=None) -> dict:
         op = {"op": "jobs", "jobs": jobs, "environments": ENVIRONMENTS, "window": 4,
               "input_size": INPUT_SIZE, "timeout": 120, "idle_timeout": 20}
         answer, cpu = run_measured(benchmark, s, clients, op, 180)
-        return {"answer": answer, "cpu": cpu, "us": per_job_us(cpu, answer["done"]),
-                "heartbeat": hb.ask("stats", 10), "agents": agents.ask("stats", 10)}
+        return run_outcome(answer, cpu, hb, agents)
 
 
 def test_load_payload(benchmark, broker_factory, registry, dialect, broker_kind):
